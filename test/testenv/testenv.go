@@ -7,6 +7,7 @@ package testenv
 
 import (
 	"os"
+	"os/exec"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -37,7 +38,7 @@ func RequireRoot(t testing.TB) {
 func RequireCommand(t testing.TB, names ...string) {
 	t.Helper()
 	for _, n := range names {
-		if _, err := lookPath(n); err != nil {
+		if _, err := exec.LookPath(n); err != nil {
 			msg := n + " not found on PATH: install it with scripts/install-deps.sh"
 			if InCI() {
 				t.Fatal(msg + " — failing instead of skipping because CI=true")

@@ -1,5 +1,0 @@
-package testenv
-
-import "os/exec"
-
-func lookPath(name string) (string, error) { return exec.LookPath(name) }
