@@ -30,6 +30,10 @@ type command struct {
 func commands() []command {
 	return []command{
 		versionCmd,
+		attachCmd,
+		detachCmd,
+		snatCmd,
+		statsCmd,
 	}
 }
 

@@ -1,0 +1,85 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Map keys, values and counter indices shared between the BPF programs and
+ * Go. pkg/dataplane gets its Go types from these structs through bpf2go
+ * (-type), so a change here is a change of the Go API: regenerate. Every
+ * field keeps network byte order, as on the wire. */
+#ifndef LBCTL_MAPS_H
+#define LBCTL_MAPS_H
+
+#include <linux/types.h>
+
+/* Number of SNAT rules (LPM trie entries and per-rule counter slots). */
+#ifndef MAX_RULES
+#define MAX_RULES 16384
+#endif
+
+/* Fragmented datagrams whose first fragment was rewritten and whose later
+ * fragments are still expected (LRU: the oldest are forgotten first). */
+#ifndef MAX_FRAGS
+#define MAX_FRAGS 8192
+#endif
+
+/* Families as stored in keys (not AF_*: these are wire-version numbers). */
+#define SNAT_FAMILY_V4 4
+#define SNAT_FAMILY_V6 6
+
+/* Bits of struct snat_key before addr: family, proto and sport always
+ * match exactly; prefixlen = SNAT_KEY_FIXED_BITS + source prefix length. */
+#define SNAT_KEY_FIXED_BITS 32
+
+/* Key of snat_rules (LPM trie). A rule matches a packet whose family and
+ * L4 protocol are equal, whose source port equals sport (0: any port), and
+ * whose source address is in addr/(prefixlen - SNAT_KEY_FIXED_BITS).
+ * IPv4 addresses fill addr[0..3]; the rest is zero. */
+struct snat_key {
+	__u32 prefixlen;
+	__u8 family;	/* SNAT_FAMILY_V4 or SNAT_FAMILY_V6 */
+	__u8 proto;	/* IPPROTO_UDP or IPPROTO_TCP */
+	__be16 sport;	/* source port to match; 0 = any */
+	__u8 addr[16];	/* source prefix */
+};
+
+/* Value of snat_rules: what a matching packet's source becomes. */
+struct snat_value {
+	__u8 addr[16];	/* new source address, same family as the key */
+	__be16 port;	/* new source port; 0 = keep the port */
+	__u8 src_len;	/* the rule's source prefix length (any-port vs exact-port tie break) */
+	__u8 pad;
+	__u32 rule_id;	/* index into snat_rule_stats */
+};
+
+/* Key of snat_frags: one fragmented datagram, as IPv4/IPv6 identify it. */
+struct snat_frag_key {
+	__u8 family;
+	__u8 proto;
+	__u16 pad;
+	__be32 id;	/* IPv4 identification (16 bits) or IPv6 fragment id */
+	__u8 saddr[16];	/* original source address */
+	__u8 daddr[16];
+};
+
+/* Value of snat_frags: the source the first fragment was given. */
+struct snat_frag_value {
+	__u8 addr[16];
+	__u32 rule_id;
+};
+
+/* Value of snat_rule_stats, one slot per rule id, per CPU. */
+struct rule_stats {
+	__u64 packets;
+	__u64 bytes;	/* skb->len: the L2 frame as the program saw it */
+};
+
+/* Indices of snat_counters (per CPU). Stable: never renumber, only append.
+ * seen = rewritten + no_match + not_parsed + errors. */
+enum snat_counter {
+	SNAT_SEEN = 0,		/* packets the program ran on */
+	SNAT_REWRITTEN = 1,	/* source rewritten (fragments included) */
+	SNAT_NO_MATCH = 2,	/* IPv4/IPv6 UDP/TCP, no rule matched: passed unchanged */
+	SNAT_NOT_PARSED = 3,	/* not IP, not UDP/TCP, truncated, unfollowed header: passed unchanged */
+	SNAT_ERRORS = 4,	/* a helper failed while rewriting: passed, maybe partly rewritten */
+	SNAT_FRAGMENTS = 5,	/* later fragments rewritten (included in rewritten) */
+	SNAT_COUNTER_MAX,
+};
+
+#endif /* LBCTL_MAPS_H */

@@ -1,0 +1,194 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Packet parsing shared by the TC programs: Ethernet, then IPv4 (options
+ * allowed) or IPv6 (fixed header, optionally one fragment header), then the
+ * first bytes of UDP or TCP. Anything else is reported as not parsed; the
+ * caller passes such packets unchanged. */
+#ifndef LBCTL_PARSE_H
+#define LBCTL_PARSE_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "maps.h"
+
+#ifndef NEXTHDR_FRAGMENT
+#define NEXTHDR_FRAGMENT 44
+#endif
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+#define IP6_MF 0x0001
+#define IP6_OFFSET 0xfff8
+
+/* Where a packet stands in its datagram. */
+enum frag_kind {
+	FRAG_NONE = 0,	/* a whole datagram */
+	FRAG_FIRST = 1,	/* offset 0, more fragments follow: carries the L4 header */
+	FRAG_LATER = 2,	/* offset > 0: no L4 header */
+};
+
+/* IPv6 fragment header (RFC 8200 section 4.5). */
+struct frag6hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off;
+	__be32 id;
+};
+
+/* What parse_l3l4 learnt about a packet. Offsets are from the start of the
+ * Ethernet header; addresses are copied out because helper calls that write
+ * the packet invalidate every pointer into it. */
+struct pkt {
+	__u8 family;		/* SNAT_FAMILY_V4 or SNAT_FAMILY_V6 */
+	__u8 proto;		/* IPPROTO_UDP or IPPROTO_TCP */
+	__u8 frag;		/* enum frag_kind */
+	__u8 pad;
+	__u16 l3_off;		/* IPv4/IPv6 header */
+	__u16 l4_off;		/* UDP/TCP header; meaningless for FRAG_LATER */
+	__be32 frag_id;		/* identification, when frag != FRAG_NONE */
+	__be16 sport;		/* 0 for FRAG_LATER */
+	__be16 l4_check;	/* L4 checksum field as found; 0 for FRAG_LATER */
+	__u8 saddr[16];		/* IPv4: first 4 bytes */
+	__u8 daddr[16];
+};
+
+/* parse_l4 reads the source port and checksum of the UDP/TCP header at
+ * l4. Returns 0, or -1 when the header is truncated. */
+static __always_inline int parse_l4(struct pkt *p, void *l4, void *data_end)
+{
+	if (p->proto == IPPROTO_UDP) {
+		struct udphdr *udp = l4;
+
+		if ((void *)(udp + 1) > data_end)
+			return -1;
+		p->sport = udp->source;
+		p->l4_check = udp->check;
+		return 0;
+	}
+	/* TCP: the fixed 20 bytes must be there (check is at 16). */
+	struct tcphdr *tcp = l4;
+
+	if ((void *)(tcp + 1) > data_end)
+		return -1;
+	p->sport = tcp->source;
+	p->l4_check = tcp->check;
+	return 0;
+}
+
+static __always_inline int parse_ipv4(struct pkt *p, void *data, void *data_end)
+{
+	struct iphdr *ip = data + ETH_HLEN;
+
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	if (ip->version != 4 || ip->ihl < 5)
+		return -1;
+	__u32 hlen = ip->ihl * 4;
+
+	if ((void *)ip + hlen > data_end)
+		return -1;
+	if (ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_TCP)
+		return -1;
+
+	p->family = SNAT_FAMILY_V4;
+	p->proto = ip->protocol;
+	p->l3_off = ETH_HLEN;
+	p->l4_off = ETH_HLEN + hlen;
+	__builtin_memcpy(p->saddr, &ip->saddr, 4);
+	__builtin_memcpy(p->daddr, &ip->daddr, 4);
+
+	__u16 frag_off = bpf_ntohs(ip->frag_off);
+
+	if (frag_off & IP_OFFSET) {
+		p->frag = FRAG_LATER;
+		p->frag_id = ip->id;
+		return 0;
+	}
+	if (frag_off & IP_MF) {
+		p->frag = FRAG_FIRST;
+		p->frag_id = ip->id;
+	}
+	return parse_l4(p, (void *)ip + hlen, data_end);
+}
+
+static __always_inline int parse_ipv6(struct pkt *p, void *data, void *data_end)
+{
+	struct ipv6hdr *ip6 = data + ETH_HLEN;
+
+	if ((void *)(ip6 + 1) > data_end)
+		return -1;
+	if (ip6->version != 6)
+		return -1;
+
+	p->family = SNAT_FAMILY_V6;
+	p->l3_off = ETH_HLEN;
+	p->l4_off = ETH_HLEN + sizeof(*ip6);
+	__builtin_memcpy(p->saddr, &ip6->saddr, 16);
+	__builtin_memcpy(p->daddr, &ip6->daddr, 16);
+
+	__u8 nexthdr = ip6->nexthdr;
+	void *l4 = ip6 + 1;
+
+	if (nexthdr == NEXTHDR_FRAGMENT) {
+		struct frag6hdr *fh = l4;
+
+		if ((void *)(fh + 1) > data_end)
+			return -1;
+		nexthdr = fh->nexthdr;
+		l4 = fh + 1;
+		p->l4_off += sizeof(*fh);
+
+		__u16 frag_off = bpf_ntohs(fh->frag_off);
+
+		if (frag_off & IP6_OFFSET) {
+			p->frag = FRAG_LATER;
+			p->frag_id = fh->id;
+		} else if (frag_off & IP6_MF) {
+			p->frag = FRAG_FIRST;
+			p->frag_id = fh->id;
+		}
+		/* offset 0 and no M flag: an atomic fragment, a whole datagram. */
+	}
+	if (nexthdr != IPPROTO_UDP && nexthdr != IPPROTO_TCP)
+		return -1;
+	p->proto = nexthdr;
+	if (p->frag == FRAG_LATER)
+		return 0;
+	return parse_l4(p, l4, data_end);
+}
+
+/* parse_l3l4 fills p from the packet in skb. It pulls the first bytes into
+ * the linear area when needed. Returns 0 for an IPv4/IPv6 UDP/TCP packet
+ * (or a later fragment of one), -1 for anything else. */
+static __always_inline int parse_l3l4(struct __sk_buff *skb, struct pkt *p)
+{
+	/* Ethernet + IPv4 with options + TCP = 14 + 60 + 20. */
+	const __u32 want = ETH_HLEN + 60 + sizeof(struct tcphdr);
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+
+	if (data + want > data_end && skb->len > data_end - data) {
+		bpf_skb_pull_data(skb, skb->len < want ? skb->len : want);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return parse_ipv4(p, data, data_end);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return parse_ipv6(p, data, data_end);
+	return -1;
+}
+
+#endif /* LBCTL_PARSE_H */

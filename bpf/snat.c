@@ -1,0 +1,189 @@
+//go:build ignore
+
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+
+#include "maps.h"
+#include "parse.h"
+#include "csum.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+/* SNAT rules: longest source prefix per (family, proto, sport). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_RULES);
+	__type(key, struct snat_key);
+	__type(value, struct snat_value);
+} snat_rules SEC(".maps");
+
+/* Packets and bytes rewritten by each rule, indexed by snat_value.rule_id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_RULES);
+	__type(key, __u32);
+	__type(value, struct rule_stats);
+} snat_rule_stats SEC(".maps");
+
+/* Program counters, indexed by enum snat_counter. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SNAT_COUNTER_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} snat_counters SEC(".maps");
+
+/* Source given to the first fragment of each fragmented datagram, so that
+ * the later fragments (which carry no ports) get the very same source. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_FRAGS);
+	__type(key, struct snat_frag_key);
+	__type(value, struct snat_frag_value);
+} snat_frags SEC(".maps");
+
+/* Puts enum snat_counter into the BTF (array keys must be plain __u32), so
+ * that bpf2go mirrors it in Go. Never read. */
+const enum snat_counter *snat_counter_btf __attribute__((unused));
+
+static __always_inline void count(enum snat_counter idx)
+{
+	__u64 *c = bpf_map_lookup_elem(&snat_counters, &idx);
+
+	if (c)
+		*c += 1;
+}
+
+static __always_inline void count_rule(__u32 rule_id, __u32 len)
+{
+	struct rule_stats *s = bpf_map_lookup_elem(&snat_rule_stats, &rule_id);
+
+	if (s) {
+		s->packets += 1;
+		s->bytes += len;
+	}
+}
+
+static __always_inline struct snat_value *rule_lookup(const struct pkt *p, __be16 sport)
+{
+	struct snat_key key = {
+		.prefixlen = SNAT_KEY_FIXED_BITS + 128,
+		.family = p->family,
+		.proto = p->proto,
+		.sport = sport,
+	};
+
+	__builtin_memcpy(key.addr, p->saddr, sizeof(key.addr));
+	return bpf_map_lookup_elem(&snat_rules, &key);
+}
+
+/* rule_match returns the rule for p: the longest source prefix among the
+ * rules for p's source port and the any-port rules; on equal prefixes the
+ * rule naming the port wins. */
+static __always_inline struct snat_value *rule_match(const struct pkt *p)
+{
+	struct snat_value *exact = NULL, *any;
+
+	if (p->sport)
+		exact = rule_lookup(p, p->sport);
+	any = rule_lookup(p, 0);
+	if (exact && (!any || exact->src_len >= any->src_len))
+		return exact;
+	return any;
+}
+
+static __always_inline void frag_key(const struct pkt *p, struct snat_frag_key *k)
+{
+	k->family = p->family;
+	k->proto = p->proto;
+	k->id = p->frag_id;
+	__builtin_memcpy(k->saddr, p->saddr, sizeof(k->saddr));
+	__builtin_memcpy(k->daddr, p->daddr, sizeof(k->daddr));
+}
+
+static __always_inline int set_saddr(struct __sk_buff *skb, const struct pkt *p, const __u8 *to)
+{
+	if (p->family == SNAT_FAMILY_V4) {
+		__be32 to4;
+
+		__builtin_memcpy(&to4, to, sizeof(to4));
+		return set_saddr4(skb, p, to4);
+	}
+	return set_saddr6(skb, p, to);
+}
+
+/* Attached at TC egress (tcx, or clsact + cls_bpf direct action) of the
+ * interfaces replies leave by. Decides whether a reply's source address and
+ * port are rewritten by an SNAT rule (DSR router/origin NAT); every packet
+ * is passed, rewritten or untouched, never dropped. */
+SEC("tc")
+int snat_egress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct snat_frag_key fk = {};
+	struct snat_frag_value fv = {};
+	__u32 len = skb->len;
+
+	count(SNAT_SEEN);
+	if (parse_l3l4(skb, &p) < 0) {
+		count(SNAT_NOT_PARSED);
+		return TC_ACT_UNSPEC;
+	}
+
+	if (p.frag == FRAG_LATER) {
+		/* No ports: the source the first fragment got, else an any-port rule. */
+		frag_key(&p, &fk);
+		struct snat_frag_value *seen = bpf_map_lookup_elem(&snat_frags, &fk);
+
+		if (seen) {
+			fv = *seen;
+		} else {
+			struct snat_value *r = rule_lookup(&p, 0);
+
+			if (!r) {
+				count(SNAT_NO_MATCH);
+				return TC_ACT_UNSPEC;
+			}
+			__builtin_memcpy(fv.addr, r->addr, sizeof(fv.addr));
+			fv.rule_id = r->rule_id;
+		}
+		if (set_saddr(skb, &p, fv.addr)) {
+			count(SNAT_ERRORS);
+			return TC_ACT_UNSPEC;
+		}
+		count(SNAT_REWRITTEN);
+		count(SNAT_FRAGMENTS);
+		count_rule(fv.rule_id, len);
+		return TC_ACT_UNSPEC;
+	}
+
+	struct snat_value *r = rule_match(&p);
+
+	if (!r) {
+		count(SNAT_NO_MATCH);
+		return TC_ACT_UNSPEC;
+	}
+	__builtin_memcpy(fv.addr, r->addr, sizeof(fv.addr));
+	fv.rule_id = r->rule_id;
+	__be16 to_port = r->port;
+
+	if (p.frag == FRAG_FIRST) {
+		frag_key(&p, &fk);
+		bpf_map_update_elem(&snat_frags, &fk, &fv, BPF_ANY);
+	}
+	/* Port first: set_sport reads p.sport, set_saddr p.saddr, both unchanged. */
+	if (to_port && to_port != p.sport && set_sport(skb, &p, to_port)) {
+		count(SNAT_ERRORS);
+		return TC_ACT_UNSPEC;
+	}
+	if (set_saddr(skb, &p, fv.addr)) {
+		count(SNAT_ERRORS);
+		return TC_ACT_UNSPEC;
+	}
+	count(SNAT_REWRITTEN);
+	count_rule(fv.rule_id, len);
+	return TC_ACT_UNSPEC;
+}

@@ -1,0 +1,386 @@
+package dataplane
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/cilium/ebpf"
+)
+
+// Sizes compiled into bpf/snat.c (MAX_RULES in bpf/lib/maps.h).
+const MaxSNATRules = 16384
+
+const (
+	familyV4     = 4
+	familyV6     = 6
+	keyFixedBits = 32 // SNAT_KEY_FIXED_BITS
+)
+
+var snatProg = tcProg{name: "snat", egress: true}
+
+// Proto is an L4 protocol an SNAT rule matches.
+type Proto uint8
+
+const (
+	TCP Proto = 6
+	UDP Proto = 17
+)
+
+func (p Proto) String() string {
+	switch p {
+	case TCP:
+		return "tcp"
+	case UDP:
+		return "udp"
+	}
+	return strconv.Itoa(int(p))
+}
+
+// ParseProto parses "udp" or "tcp".
+func ParseProto(s string) (Proto, error) {
+	switch strings.ToLower(s) {
+	case "udp":
+		return UDP, nil
+	case "tcp":
+		return TCP, nil
+	}
+	return 0, fmt.Errorf("protocol %q: want udp or tcp", s)
+}
+
+func (p Proto) MarshalText() ([]byte, error) { return []byte(p.String()), nil }
+
+func (p *Proto) UnmarshalText(b []byte) error {
+	v, err := ParseProto(string(b))
+	*p = v
+	return err
+}
+
+// SNATRule rewrites the source of packets leaving an interface with the
+// snat program: a packet from Src (longest prefix wins), of protocol
+// Proto, from source port SPort (0: any port) gets source address To and,
+// if ToPort is not 0, source port ToPort. Between an any-port rule and a
+// port rule, the longer prefix wins, and the port rule on equal prefixes.
+type SNATRule struct {
+	Src    netip.Prefix `json:"src"`
+	Proto  Proto        `json:"proto"`
+	SPort  uint16       `json:"sport"` // 0: any
+	To     netip.Addr   `json:"to"`
+	ToPort uint16       `json:"to_port"` // 0: keep
+}
+
+func (r SNATRule) String() string {
+	s := fmt.Sprintf("src %s proto %s", r.Src, r.Proto)
+	if r.SPort != 0 {
+		s += fmt.Sprintf(" sport %d", r.SPort)
+	}
+	if r.To.IsValid() {
+		s += " to " + r.target()
+	}
+	return s
+}
+
+func (r SNATRule) target() string {
+	if r.ToPort == 0 {
+		return r.To.String()
+	}
+	return netip.AddrPortFrom(r.To, r.ToPort).String()
+}
+
+// Validate checks r; for DelSNAT only the match (Src, Proto, SPort) counts.
+func (r SNATRule) Validate() error {
+	if err := r.validateMatch(); err != nil {
+		return err
+	}
+	if !r.To.IsValid() {
+		return fmt.Errorf("snat rule %s: no target address", r)
+	}
+	if r.To.Zone() != "" {
+		return fmt.Errorf("snat rule %s: target %s has a zone", r, r.To)
+	}
+	if r.Src.Addr().Is4() != r.To.Is4() {
+		return fmt.Errorf("snat rule %s: family mismatch: source %s is %s but target %s is %s",
+			r, r.Src, family(r.Src.Addr()), r.To, family(r.To))
+	}
+	if r.To.IsUnspecified() || r.To.IsMulticast() {
+		return fmt.Errorf("snat rule %s: target %s is not a unicast address", r, r.To)
+	}
+	return nil
+}
+
+func (r SNATRule) validateMatch() error {
+	if !r.Src.IsValid() {
+		return fmt.Errorf("snat rule: no valid source prefix")
+	}
+	if r.Src.Addr().Is4In6() {
+		return fmt.Errorf("snat rule %s: source %s is an IPv4-mapped IPv6 prefix: write it as IPv4", r, r.Src)
+	}
+	if r.Src.Addr().Zone() != "" {
+		return fmt.Errorf("snat rule %s: source %s has a zone", r, r.Src)
+	}
+	if m := r.Src.Masked(); m != r.Src {
+		return fmt.Errorf("snat rule %s: source %s has host bits set: did you mean %s?", r, r.Src, m)
+	}
+	if r.Proto != UDP && r.Proto != TCP {
+		return fmt.Errorf("snat rule %s: protocol %s: want udp or tcp", r, r.Proto)
+	}
+	return nil
+}
+
+func family(a netip.Addr) string {
+	if a.Is4() {
+		return "IPv4"
+	}
+	return "IPv6"
+}
+
+func (r SNATRule) key() snatSnatKey {
+	k := snatSnatKey{
+		Prefixlen: uint32(keyFixedBits + r.Src.Bits()),
+		Proto:     uint8(r.Proto),
+		Sport:     htons(r.SPort),
+		Family:    familyV6,
+	}
+	if r.Src.Addr().Is4() {
+		k.Family = familyV4
+		a := r.Src.Addr().As4()
+		copy(k.Addr[:], a[:])
+	} else {
+		k.Addr = r.Src.Addr().As16()
+	}
+	return k
+}
+
+func ruleFromKV(k snatSnatKey, v snatSnatValue) SNATRule {
+	r := SNATRule{Proto: Proto(k.Proto), SPort: ntohs(k.Sport), ToPort: ntohs(v.Port)}
+	bits := int(k.Prefixlen) - keyFixedBits
+	if k.Family == familyV4 {
+		r.Src = netip.PrefixFrom(netip.AddrFrom4([4]byte(k.Addr[:4])), bits)
+		r.To = netip.AddrFrom4([4]byte(v.Addr[:4]))
+	} else {
+		r.Src = netip.PrefixFrom(netip.AddrFrom16(k.Addr), bits)
+		r.To = netip.AddrFrom16(v.Addr)
+	}
+	return r
+}
+
+// htons turns a host port into the network-order value the kernel reads
+// from a __be16 field laid out by the Go struct (little-endian host).
+func htons(p uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], p)
+	return binary.NativeEndian.Uint16(b[:])
+}
+
+func ntohs(p uint16) uint16 {
+	var b [2]byte
+	binary.NativeEndian.PutUint16(b[:], p)
+	return binary.BigEndian.Uint16(b[:])
+}
+
+// snatSpec returns the snat collection spec with its maps pinned by name.
+func (d *Dataplane) snatSpec() (*ebpf.CollectionSpec, error) {
+	spec, err := loadSnat()
+	if err != nil {
+		return nil, fmt.Errorf("load snat spec: %w", err)
+	}
+	pinMaps(spec)
+	return spec, nil
+}
+
+// AttachSNAT attaches the snat program at ifname's TC egress (tcx, or
+// clsact + cls_bpf as configured in Options) and pins it. Attaching again
+// replaces the program in place.
+func (d *Dataplane) AttachSNAT(ifname string) (Method, error) {
+	if _, err := lookupInterface(ifname); err != nil {
+		return "", fmt.Errorf("attach snat to %s: %w", ifname, err)
+	}
+	spec, err := d.snatSpec()
+	if err != nil {
+		return "", err
+	}
+	var progs snatPrograms
+	opts := d.collectionOptions()
+	opts.MapReplacements = map[string]*ebpf.Map{
+		snatMapSnatRules:     d.snat.SnatRules,
+		snatMapSnatRuleStats: d.snat.SnatRuleStats,
+		snatMapSnatCounters:  d.snat.SnatCounters,
+		snatMapSnatFrags:     d.snat.SnatFrags,
+	}
+	if err := spec.LoadAndAssign(&progs, opts); err != nil {
+		return "", loadErr("load snat program", d.dir, err)
+	}
+	defer progs.Close()
+	return d.attachTC(ifname, snatProg, progs.SnatEgress)
+}
+
+// AddSNAT adds rule; a rule with the same match (Src, Proto, SPort) must
+// not exist (ErrRuleExists).
+func (d *Dataplane) AddSNAT(rule SNATRule) error {
+	if err := rule.Validate(); err != nil {
+		return err
+	}
+	ids, err := d.ids()
+	if err != nil {
+		return err
+	}
+	key := rule.key()
+	var old snatSnatValue
+	if err := d.snat.SnatRules.Lookup(&key, &old); err == nil {
+		return fmt.Errorf("add snat rule %s: %w (to %s): delete it first with lbctl snat del", rule, ErrRuleExists, ruleFromKV(key, old).target())
+	}
+	id, ok := ids.alloc()
+	if !ok {
+		return fmt.Errorf("add snat rule %s: all %d rule slots in use", rule, MaxSNATRules)
+	}
+	// A fresh rule starts with zero counters, whoever had the id before.
+	zero := make([]snatRuleStats, ebpf.MustPossibleCPU())
+	if err := d.snat.SnatRuleStats.Update(id, zero, ebpf.UpdateAny); err != nil {
+		ids.free(id)
+		return fmt.Errorf("add snat rule %s: reset counters: %w", rule, privHint(err))
+	}
+	val := snatSnatValue{Port: htons(rule.ToPort), SrcLen: uint8(rule.Src.Bits()), RuleId: id}
+	if rule.To.Is4() {
+		a := rule.To.As4()
+		copy(val.Addr[:], a[:])
+	} else {
+		val.Addr = rule.To.As16()
+	}
+	if err := d.snat.SnatRules.Update(&key, &val, ebpf.UpdateNoExist); err != nil {
+		ids.free(id)
+		if errors.Is(err, ebpf.ErrKeyExist) {
+			return fmt.Errorf("add snat rule %s: %w", rule, ErrRuleExists)
+		}
+		return fmt.Errorf("add snat rule %s: %w", rule, privHint(err))
+	}
+	return nil
+}
+
+// DelSNAT deletes the rule matching rule.Src, rule.Proto and rule.SPort
+// (rule.To and rule.ToPort are ignored).
+func (d *Dataplane) DelSNAT(rule SNATRule) error {
+	rule.To, rule.ToPort = netip.Addr{}, 0
+	if err := rule.validateMatch(); err != nil {
+		return err
+	}
+	ids, err := d.ids()
+	if err != nil {
+		return err
+	}
+	key := rule.key()
+	var val snatSnatValue
+	if err := d.snat.SnatRules.Lookup(&key, &val); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete snat rule %s: %w (see lbctl snat list)", rule, ErrRuleNotFound)
+		}
+		return fmt.Errorf("delete snat rule %s: %w", rule, privHint(err))
+	}
+	if err := d.snat.SnatRules.Delete(&key); err != nil {
+		return fmt.Errorf("delete snat rule %s: %w", rule, privHint(err))
+	}
+	ids.free(val.RuleId)
+	return nil
+}
+
+type snatEntry struct {
+	rule SNATRule
+	id   uint32
+}
+
+func (d *Dataplane) snatEntries() ([]snatEntry, error) {
+	var (
+		out []snatEntry
+		k   snatSnatKey
+		v   snatSnatValue
+	)
+	it := d.snat.SnatRules.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, snatEntry{rule: ruleFromKV(k, v), id: v.RuleId})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list snat rules: %w", privHint(err))
+	}
+	sort.Slice(out, func(i, j int) bool { return ruleLess(out[i].rule, out[j].rule) })
+	return out, nil
+}
+
+// ruleLess orders rules by family, address, prefix length, proto, port.
+func ruleLess(a, b SNATRule) bool {
+	if c := a.Src.Addr().Compare(b.Src.Addr()); c != 0 {
+		return c < 0
+	}
+	if a.Src.Bits() != b.Src.Bits() {
+		return a.Src.Bits() < b.Src.Bits()
+	}
+	if a.Proto != b.Proto {
+		return a.Proto < b.Proto
+	}
+	return a.SPort < b.SPort
+}
+
+// ListSNAT returns every rule, ordered by source prefix, proto and port.
+func (d *Dataplane) ListSNAT() ([]SNATRule, error) {
+	es, err := d.snatEntries()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]SNATRule, len(es))
+	for i, e := range es {
+		out[i] = e.rule
+	}
+	return out, nil
+}
+
+func (d *Dataplane) ids() (*idAlloc, error) {
+	if d.ruleIDs != nil {
+		return d.ruleIDs, nil
+	}
+	es, err := d.snatEntries()
+	if err != nil {
+		return nil, err
+	}
+	a := newIDAlloc(MaxSNATRules)
+	for _, e := range es {
+		a.take(e.id)
+	}
+	d.ruleIDs = a
+	return a, nil
+}
+
+// idAlloc hands out rule ids (slots of snat_rule_stats). The Dataplane's
+// flock makes it the only writer while it is open.
+type idAlloc struct {
+	used []bool
+	next uint32
+}
+
+func newIDAlloc(n int) *idAlloc { return &idAlloc{used: make([]bool, n)} }
+
+func (a *idAlloc) take(id uint32) {
+	if int(id) < len(a.used) {
+		a.used[id] = true
+	}
+}
+
+func (a *idAlloc) free(id uint32) {
+	if int(id) < len(a.used) {
+		a.used[id] = false
+	}
+}
+
+func (a *idAlloc) alloc() (uint32, bool) {
+	n := uint32(len(a.used))
+	for i := uint32(0); i < n; i++ {
+		id := (a.next + i) % n
+		if !a.used[id] {
+			a.used[id] = true
+			a.next = id + 1
+			return id, true
+		}
+	}
+	return 0, false
+}

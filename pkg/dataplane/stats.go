@@ -1,0 +1,99 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+)
+
+// SNATCounter names a slot of the snat program's counter array. The values
+// mirror enum snat_counter in bpf/lib/maps.h and never change.
+type SNATCounter uint32
+
+const (
+	SNATSeen        = SNATCounter(snatSnatCounterSNAT_SEEN)
+	SNATRewritten   = SNATCounter(snatSnatCounterSNAT_REWRITTEN)
+	SNATNoMatch     = SNATCounter(snatSnatCounterSNAT_NO_MATCH)
+	SNATNotParsed   = SNATCounter(snatSnatCounterSNAT_NOT_PARSED)
+	SNATErrors      = SNATCounter(snatSnatCounterSNAT_ERRORS)
+	SNATFragments   = SNATCounter(snatSnatCounterSNAT_FRAGMENTS)
+	numSNATCounters = int(snatSnatCounterSNAT_COUNTER_MAX)
+)
+
+var snatCounterNames = [...]string{
+	SNATSeen:      "seen",
+	SNATRewritten: "rewritten",
+	SNATNoMatch:   "no_match",
+	SNATNotParsed: "not_parsed",
+	SNATErrors:    "errors",
+	SNATFragments: "fragments",
+}
+
+func (c SNATCounter) String() string {
+	if int(c) < len(snatCounterNames) {
+		return snatCounterNames[c]
+	}
+	return fmt.Sprintf("counter%d", uint32(c))
+}
+
+// Counter is one program counter, summed over CPUs.
+type Counter struct {
+	Name  string `json:"name"`
+	Value uint64 `json:"value"`
+}
+
+// RuleStats is one rule and what it rewrote, summed over CPUs.
+type RuleStats struct {
+	SNATRule
+	Packets uint64 `json:"packets"`
+	Bytes   uint64 `json:"bytes"`
+}
+
+// Stats are the counters of every program.
+type Stats struct {
+	// SNAT holds the snat program's counters in enum order (seen first).
+	SNAT      []Counter   `json:"snat"`
+	SNATRules []RuleStats `json:"snat_rules"`
+}
+
+// Counter returns the named snat counter.
+func (s Stats) SNATCounter(c SNATCounter) uint64 {
+	if int(c) < len(s.SNAT) {
+		return s.SNAT[c].Value
+	}
+	return 0
+}
+
+// Stats reads every counter.
+func (d *Dataplane) Stats() (Stats, error) {
+	var st Stats
+	for i := 0; i < numSNATCounters; i++ {
+		var per []uint64
+		if err := d.snat.SnatCounters.Lookup(uint32(i), &per); err != nil {
+			return Stats{}, fmt.Errorf("read snat counter %s: %w", SNATCounter(i), privHint(err))
+		}
+		var sum uint64
+		for _, v := range per {
+			sum += v
+		}
+		st.SNAT = append(st.SNAT, Counter{Name: SNATCounter(i).String(), Value: sum})
+	}
+	es, err := d.snatEntries()
+	if err != nil {
+		return Stats{}, err
+	}
+	for _, e := range es {
+		var per []snatRuleStats
+		if err := d.snat.SnatRuleStats.Lookup(e.id, &per); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Stats{}, fmt.Errorf("read counters of snat rule %s: %w", e.rule, privHint(err))
+		}
+		rs := RuleStats{SNATRule: e.rule}
+		for _, v := range per {
+			rs.Packets += v.Packets
+			rs.Bytes += v.Bytes
+		}
+		st.SNATRules = append(st.SNATRules, rs)
+	}
+	return st, nil
+}
