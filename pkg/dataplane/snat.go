@@ -229,8 +229,9 @@ func (d *Dataplane) AddSNAT(rule SNATRule) error {
 		return err
 	}
 	key := rule.key()
-	var old snatSnatValue
-	if err := d.snat.SnatRules.Lookup(&key, &old); err == nil {
+	if old, ok, err := d.exactRule(key); err != nil {
+		return fmt.Errorf("add snat rule %s: %w", rule, err)
+	} else if ok {
 		return fmt.Errorf("add snat rule %s: %w (to %s): delete it first with lbctl snat del", rule, ErrRuleExists, ruleFromKV(key, old).target())
 	}
 	id, ok := ids.alloc()
@@ -272,18 +273,33 @@ func (d *Dataplane) DelSNAT(rule SNATRule) error {
 		return err
 	}
 	key := rule.key()
-	var val snatSnatValue
-	if err := d.snat.SnatRules.Lookup(&key, &val); err != nil {
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete snat rule %s: %w (see lbctl snat list)", rule, ErrRuleNotFound)
-		}
-		return fmt.Errorf("delete snat rule %s: %w", rule, privHint(err))
+	val, ok, err := d.exactRule(key)
+	if err != nil {
+		return fmt.Errorf("delete snat rule %s: %w", rule, err)
+	}
+	if !ok {
+		return fmt.Errorf("delete snat rule %s: %w (see lbctl snat list)", rule, ErrRuleNotFound)
 	}
 	if err := d.snat.SnatRules.Delete(&key); err != nil {
 		return fmt.Errorf("delete snat rule %s: %w", rule, privHint(err))
 	}
 	ids.free(val.RuleId)
 	return nil
+}
+
+// exactRule returns the rule stored under exactly key. A lookup in an LPM
+// trie returns the longest prefix containing the key's, so a shorter
+// prefix's rule may come back: compare the prefix length.
+func (d *Dataplane) exactRule(key snatSnatKey) (snatSnatValue, bool, error) {
+	var val snatSnatValue
+	err := d.snat.SnatRules.Lookup(&key, &val)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return val, false, nil
+	}
+	if err != nil {
+		return val, false, privHint(err)
+	}
+	return val, int(val.SrcLen)+keyFixedBits == int(key.Prefixlen), nil
 }
 
 type snatEntry struct {
