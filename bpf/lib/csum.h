@@ -37,57 +37,102 @@ static __always_inline __u64 l4_csum_flags(const struct pkt *p)
 	return BPF_F_MARK_MANGLED_0 | BPF_F_MARK_ENFORCE;
 }
 
+/* csum_fold folds a 32-bit ones'-complement sum to 16 bits. */
+static __always_inline __u16 csum_fold32(__u64 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)s;
+}
+
+/* csum_replace4 returns the checksum check updated for one 32-bit word
+ * going from from to to (RFC 1624 eqn. 3). All three are raw header words
+ * in network order: the ones'-complement sum is byte-order independent. */
+static __always_inline __u16 csum_replace4(__u16 check, __u32 from, __u32 to)
+{
+	__u64 s = (__u16)~check;
+
+	s += (__u16)~from + (__u16)~(from >> 16);
+	s += (__u16)to + (__u16)(to >> 16);
+	return ~csum_fold32(s);
+}
+
+/* csum_diff16 is the 32-bit ones'-complement sum of ~from and to (16 bytes
+ * each), the diff bpf_l4_csum_replace applies when its size is 0. */
+static __always_inline __u32 csum_diff16(const __u8 *from, const __u8 *to)
+{
+	__u64 s = 0;
+	__u32 f, t;
+
+#pragma unroll
+	for (int i = 0; i < 16; i += 4) {
+		__builtin_memcpy(&f, from + i, 4);
+		__builtin_memcpy(&t, to + i, 4);
+		s += (__u32)~f;
+		s += t;
+	}
+	s = (s & 0xffffffff) + (s >> 32);
+	s = (s & 0xffffffff) + (s >> 32);
+	return (__u32)s;
+}
+
+/* The IP header is written directly (its checksum is never offloaded; the
+ * verifier unclones the skb before the first direct write). The L4
+ * checksum goes through bpf_l4_csum_replace, which knows about
+ * CHECKSUM_PARTIAL. Direct writes come first: the helper invalidates every
+ * packet pointer. */
+
 /* set_saddr4 rewrites the IPv4 source address of p to to, updating the IP
  * header checksum and, when the packet carries the L4 header, the L4
  * checksum (pseudo-header). Returns 0 or a negative errno. */
 static __always_inline int set_saddr4(struct __sk_buff *skb, const struct pkt *p, __be32 to)
 {
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
 	__be32 from;
-	int err;
 
+	if ((void *)(ip + 1) > data_end)
+		return -1;
 	__builtin_memcpy(&from, p->saddr, 4);
-	if (p->frag != FRAG_LATER) {
-		err = bpf_l4_csum_replace(skb, l4_csum_off(p), from, to,
-					  l4_csum_flags(p) | BPF_F_PSEUDO_HDR | sizeof(to));
-		if (err)
-			return err;
-	}
-	err = bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check), from, to, sizeof(to));
-	if (err)
-		return err;
-	return bpf_skb_store_bytes(skb, p->l3_off + offsetof(struct iphdr, saddr), &to, sizeof(to), 0);
+	ip->check = csum_replace4(ip->check, from, to);
+	ip->saddr = to;
+	if (p->frag == FRAG_LATER)
+		return 0;
+	return bpf_l4_csum_replace(skb, l4_csum_off(p), from, to,
+				   l4_csum_flags(p) | BPF_F_PSEUDO_HDR | sizeof(to));
 }
 
 /* set_saddr6 rewrites the IPv6 source address of p to to (16 bytes); IPv6
  * has no header checksum, only the L4 pseudo-header changes. */
 static __always_inline int set_saddr6(struct __sk_buff *skb, const struct pkt *p, const __u8 *to)
 {
-	int err;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6 = data + ETH_HLEN;
 
-	if (p->frag != FRAG_LATER) {
-		__s64 diff = bpf_csum_diff((__be32 *)p->saddr, 16, (__be32 *)to, 16, 0);
-
-		if (diff < 0)
-			return (int)diff;
-		err = bpf_l4_csum_replace(skb, l4_csum_off(p), 0, diff,
-					  l4_csum_flags(p) | BPF_F_PSEUDO_HDR);
-		if (err)
-			return err;
-	}
-	return bpf_skb_store_bytes(skb, p->l3_off + offsetof(struct ipv6hdr, saddr), to, 16, 0);
+	if ((void *)(ip6 + 1) > data_end)
+		return -1;
+	__builtin_memcpy(&ip6->saddr, to, 16);
+	if (p->frag == FRAG_LATER)
+		return 0;
+	return bpf_l4_csum_replace(skb, l4_csum_off(p), 0, csum_diff16(p->saddr, to),
+				   l4_csum_flags(p) | BPF_F_PSEUDO_HDR);
 }
 
 /* set_sport rewrites the UDP/TCP source port of p (not a later fragment)
  * to to, updating the L4 checksum (not part of the pseudo-header). */
 static __always_inline int set_sport(struct __sk_buff *skb, const struct pkt *p, __be16 to)
 {
-	int err;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__be16 *sport = data + p->l4_off; /* source is the first field of udphdr and tcphdr */
 
-	err = bpf_l4_csum_replace(skb, l4_csum_off(p), p->sport, to, l4_csum_flags(p) | sizeof(to));
-	if (err)
-		return err;
-	/* source is the first field of both udphdr and tcphdr */
-	return bpf_skb_store_bytes(skb, p->l4_off, &to, sizeof(to), 0);
+	if ((void *)(sport + 1) > data_end)
+		return -1;
+	*sport = to;
+	return bpf_l4_csum_replace(skb, l4_csum_off(p), p->sport, to, l4_csum_flags(p) | sizeof(to));
 }
 
 #endif /* LBCTL_CSUM_H */
