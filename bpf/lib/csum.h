@@ -77,11 +77,11 @@ static __always_inline __u32 csum_diff16(const __u8 *from, const __u8 *to)
 	return (__u32)s;
 }
 
-/* The IP header is written directly (its checksum is never offloaded; the
- * verifier unclones the skb before the first direct write). The L4
- * checksum goes through bpf_l4_csum_replace, which knows about
- * CHECKSUM_PARTIAL. Direct writes come first: the helper invalidates every
- * packet pointer. */
+/* The IP header (at a constant offset) is written directly: its checksum is
+ * never offloaded, and the verifier unclones the skb before the first
+ * direct write. The L4 checksum goes through bpf_l4_csum_replace, which
+ * knows about CHECKSUM_PARTIAL. Direct writes come first: the helper
+ * invalidates every packet pointer. */
 
 /* set_saddr4 rewrites the IPv4 source address of p to to, updating the IP
  * header checksum and, when the packet carries the L4 header, the L4
@@ -125,13 +125,12 @@ static __always_inline int set_saddr6(struct __sk_buff *skb, const struct pkt *p
  * to to, updating the L4 checksum (not part of the pseudo-header). */
 static __always_inline int set_sport(struct __sk_buff *skb, const struct pkt *p, __be16 to)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	__be16 *sport = data + p->l4_off; /* source is the first field of udphdr and tcphdr */
+	/* source is the first field of udphdr and tcphdr; l4_off varies, so a
+	 * helper rather than a direct write (see parse.h). */
+	int err = bpf_skb_store_bytes(skb, p->l4_off, &to, sizeof(to), 0);
 
-	if ((void *)(sport + 1) > data_end)
-		return -1;
-	*sport = to;
+	if (err)
+		return err;
 	return bpf_l4_csum_replace(skb, l4_csum_off(p), p->sport, to, l4_csum_flags(p) | sizeof(to));
 }
 

@@ -27,6 +27,10 @@
 #define IP6_MF 0x0001
 #define IP6_OFFSET 0xfff8
 
+/* Results of the parsers besides 0 (parsed). */
+#define PARSE_OTHER -1	/* not IPv4/IPv6 UDP/TCP, or a header we do not follow */
+#define PARSE_SHORT -2	/* a header ends past the linear data */
+
 /* Where a packet stands in its datagram. */
 enum frag_kind {
 	FRAG_NONE = 0,	/* a whole datagram */
@@ -59,15 +63,19 @@ struct pkt {
 	__u8 daddr[16];
 };
 
+/* Packet pointers only move by constants here: a variable offset (IPv4
+ * options) would need CAP_PERFMON to pass the verifier, so such headers are
+ * read with bpf_skb_load_bytes instead. */
+
 /* parse_l4 reads the source port and checksum of the UDP/TCP header at
- * l4. Returns 0, or -1 when the header is truncated. */
+ * l4. Returns 0, or PARSE_SHORT when the header is truncated. */
 static __always_inline int parse_l4(struct pkt *p, void *l4, void *data_end)
 {
 	if (p->proto == IPPROTO_UDP) {
 		struct udphdr *udp = l4;
 
 		if ((void *)(udp + 1) > data_end)
-			return -1;
+			return PARSE_SHORT;
 		p->sport = udp->source;
 		p->l4_check = udp->check;
 		return 0;
@@ -76,26 +84,48 @@ static __always_inline int parse_l4(struct pkt *p, void *l4, void *data_end)
 	struct tcphdr *tcp = l4;
 
 	if ((void *)(tcp + 1) > data_end)
-		return -1;
+		return PARSE_SHORT;
 	p->sport = tcp->source;
 	p->l4_check = tcp->check;
 	return 0;
 }
 
-static __always_inline int parse_ipv4(struct pkt *p, void *data, void *data_end)
+/* parse_l4_load is parse_l4 for an L4 header at the variable offset
+ * p->l4_off (after IPv4 options). */
+static __always_inline int parse_l4_load(struct __sk_buff *skb, struct pkt *p)
+{
+	if (p->proto == IPPROTO_UDP) {
+		struct udphdr udp;
+
+		if (bpf_skb_load_bytes(skb, p->l4_off, &udp, sizeof(udp)))
+			return PARSE_OTHER; /* truncated: pulling would not help */
+		p->sport = udp.source;
+		p->l4_check = udp.check;
+		return 0;
+	}
+	struct tcphdr tcp;
+
+	if (bpf_skb_load_bytes(skb, p->l4_off, &tcp, sizeof(tcp)))
+		return PARSE_OTHER;
+	p->sport = tcp.source;
+	p->l4_check = tcp.check;
+	return 0;
+}
+
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p, void *data, void *data_end)
 {
 	struct iphdr *ip = data + ETH_HLEN;
 
 	if ((void *)(ip + 1) > data_end)
-		return -1;
+		return PARSE_SHORT;
 	if (ip->version != 4 || ip->ihl < 5)
-		return -1;
+		return PARSE_OTHER;
 	__u32 hlen = ip->ihl * 4;
 
-	if ((void *)ip + hlen > data_end)
-		return -1;
+	if (ETH_HLEN + hlen > skb->len)
+		return PARSE_OTHER; /* options cut short */
 	if (ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_TCP)
-		return -1;
+		return PARSE_OTHER;
 
 	p->family = SNAT_FAMILY_V4;
 	p->proto = ip->protocol;
@@ -115,7 +145,9 @@ static __always_inline int parse_ipv4(struct pkt *p, void *data, void *data_end)
 		p->frag = FRAG_FIRST;
 		p->frag_id = ip->id;
 	}
-	return parse_l4(p, (void *)ip + hlen, data_end);
+	if (hlen == sizeof(*ip))
+		return parse_l4(p, ip + 1, data_end);
+	return parse_l4_load(skb, p);
 }
 
 static __always_inline int parse_ipv6(struct pkt *p, void *data, void *data_end)
@@ -123,9 +155,9 @@ static __always_inline int parse_ipv6(struct pkt *p, void *data, void *data_end)
 	struct ipv6hdr *ip6 = data + ETH_HLEN;
 
 	if ((void *)(ip6 + 1) > data_end)
-		return -1;
+		return PARSE_SHORT;
 	if (ip6->version != 6)
-		return -1;
+		return PARSE_OTHER;
 
 	p->family = SNAT_FAMILY_V6;
 	p->l3_off = ETH_HLEN;
@@ -140,7 +172,7 @@ static __always_inline int parse_ipv6(struct pkt *p, void *data, void *data_end)
 		struct frag6hdr *fh = l4;
 
 		if ((void *)(fh + 1) > data_end)
-			return -1;
+			return PARSE_SHORT;
 		nexthdr = fh->nexthdr;
 		l4 = fh + 1;
 		p->l4_off += sizeof(*fh);
@@ -157,38 +189,45 @@ static __always_inline int parse_ipv6(struct pkt *p, void *data, void *data_end)
 		/* offset 0 and no M flag: an atomic fragment, a whole datagram. */
 	}
 	if (nexthdr != IPPROTO_UDP && nexthdr != IPPROTO_TCP)
-		return -1;
+		return PARSE_OTHER;
 	p->proto = nexthdr;
 	if (p->frag == FRAG_LATER)
 		return 0;
 	return parse_l4(p, l4, data_end);
 }
 
-/* parse_l3l4 fills p from the packet in skb. It pulls the first bytes into
- * the linear area when needed. Returns 0 for an IPv4/IPv6 UDP/TCP packet
- * (or a later fragment of one), -1 for anything else. */
-static __always_inline int parse_l3l4(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int parse_linear(struct __sk_buff *skb, struct pkt *p)
 {
-	/* Ethernet + IPv4 with options + TCP = 14 + 60 + 20. */
-	const __u32 want = ETH_HLEN + 60 + sizeof(struct tcphdr);
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-
-	if (data + want > data_end && skb->len > data_end - data) {
-		bpf_skb_pull_data(skb, skb->len < want ? skb->len : want);
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-	}
-
 	struct ethhdr *eth = data;
 
 	if ((void *)(eth + 1) > data_end)
-		return -1;
+		return PARSE_SHORT;
 	if (eth->h_proto == bpf_htons(ETH_P_IP))
-		return parse_ipv4(p, data, data_end);
+		return parse_ipv4(skb, p, data, data_end);
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
 		return parse_ipv6(p, data, data_end);
-	return -1;
+	return PARSE_OTHER;
+}
+
+/* parse_l3l4 fills p from the packet in skb. When the headers are not all
+ * in the linear data it pulls them in and parses again (data_end - data
+ * is pointer arithmetic the verifier refuses without CAP_PERFMON). Returns 0
+ * for an IPv4/IPv6 UDP/TCP packet (or a later fragment of one), < 0 for
+ * anything else. */
+static __always_inline int parse_l3l4(struct __sk_buff *skb, struct pkt *p)
+{
+	/* Ethernet + IPv6 + fragment header + TCP = 14 + 40 + 8 + 20. */
+	const __u32 want = ETH_HLEN + sizeof(struct ipv6hdr) + sizeof(struct frag6hdr) + sizeof(struct tcphdr);
+	int ret = parse_linear(skb, p);
+
+	if (ret != PARSE_SHORT)
+		return ret;
+	/* Maybe non-linear, maybe truncated: pulling a truncated skb is a no-op. */
+	bpf_skb_pull_data(skb, skb->len < want ? skb->len : want);
+	__builtin_memset(p, 0, sizeof(*p));
+	return parse_linear(skb, p);
 }
 
 #endif /* LBCTL_PARSE_H */

@@ -1,0 +1,74 @@
+package dataplane
+
+import (
+	"runtime"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/lbctl/lbctl/test/testenv"
+)
+
+// keepOnlyCaps reduces the calling (locked) thread's effective
+// capabilities to caps.
+func keepOnlyCaps(t *testing.T, caps ...int) bool {
+	t.Helper()
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		t.Errorf("capget: %v", err)
+		return false
+	}
+	data[0].Effective, data[1].Effective = 0, 0
+	for _, c := range caps {
+		data[c/32].Effective |= 1 << (uint(c) % 32)
+	}
+	if err := unix.Capset(&hdr, &data[0]); err != nil {
+		t.Errorf("capset: %v", err)
+		return false
+	}
+	return true
+}
+
+// TestLoaderMinimalCapabilities: on a mounted bpffs, loading, attaching,
+// adding rules, reading counters and detaching need only CAP_BPF and
+// CAP_NET_ADMIN.
+func TestLoaderMinimalCapabilities(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireCommand(t, "ip")
+	root := mountBPFFS(t)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			t.Errorf("unshare netns: %v", err)
+			return
+		}
+		if !ipCmd(t, "link", "add", "v0", "type", "veth", "peer", "name", "v1") {
+			return
+		}
+		if !keepOnlyCaps(t, unix.CAP_BPF, unix.CAP_NET_ADMIN) {
+			return
+		}
+		dp, err := Open(Options{Root: root})
+		if err != nil {
+			t.Errorf("open with CAP_BPF+CAP_NET_ADMIN: %v", err)
+			return
+		}
+		defer dp.Close()
+		if _, err := dp.AttachSNAT("v0"); err != nil {
+			t.Errorf("attach with CAP_BPF+CAP_NET_ADMIN: %v", err)
+		}
+		if err := dp.AddSNAT(SNATRule{Src: net4, Proto: UDP, To: vip4}); err != nil {
+			t.Errorf("add with CAP_BPF+CAP_NET_ADMIN: %v", err)
+		}
+		if _, err := dp.Stats(); err != nil {
+			t.Errorf("stats with CAP_BPF+CAP_NET_ADMIN: %v", err)
+		}
+		if _, err := dp.Detach("v0"); err != nil {
+			t.Errorf("detach with CAP_BPF+CAP_NET_ADMIN: %v", err)
+		}
+	}()
+	<-done
+}
