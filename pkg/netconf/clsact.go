@@ -3,6 +3,7 @@ package netconf
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -12,8 +13,13 @@ import (
 // name it identifies lbctl's filters among others on the same hook.
 const clsPriority = 0xc0de
 
-// clsHandle is the filter handle of lbctl's cls_bpf filters.
-const clsHandle = 1
+// clsHandle is the filter handle of lbctl's cls_bpf filter called name:
+// one per program, so that two programs on one hook do not replace each other.
+func clsHandle(name string) uint32 {
+	h := fnv.New32a()
+	_, _ = h.Write([]byte(name))
+	return h.Sum32()%0xfffe + 1
+}
 
 // AttachClsBPF attaches the BPF program progFD to ifname's egress (or
 // ingress) hook with a clsact qdisc (added if missing) and a direct-action
@@ -81,7 +87,7 @@ func clsFilter(ifindex int, name string, egress bool) *netlink.BpfFilter {
 		FilterAttrs: netlink.FilterAttrs{
 			LinkIndex: ifindex,
 			Parent:    parent,
-			Handle:    clsHandle,
+			Handle:    clsHandle(name),
 			Priority:  clsPriority,
 			Protocol:  unix.ETH_P_ALL,
 		},
