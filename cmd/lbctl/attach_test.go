@@ -182,3 +182,33 @@ func regexpLine(s, re string) bool {
 }
 
 func matched(re, s string) bool { return regexp.MustCompile(re).MatchString(s) }
+
+// TestWarnsWhenStateWouldVanish: in a private mount namespace (as under
+// `ip netns exec`) lbctl mounts the bpffs it needs but warns that the
+// pinned state will vanish with the command.
+func TestWarnsWhenStateWouldVanish(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread() // never unlocked: the namespace dies with the thread
+		if err := unix.Unshare(unix.CLONE_NEWNS); err != nil {
+			t.Errorf("unshare mount namespace: %v", err)
+			return
+		}
+		if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_SLAVE, ""); err != nil {
+			t.Errorf("make / a slave: %v", err)
+			return
+		}
+		code, _, stderr := lbctl(t, "--bpffs", dir, "snat", "add", "--src", "198.19.16.0/28", "--proto", "udp", "--to", "198.18.98.10")
+		if code != 0 || !strings.Contains(stderr, "will vanish when this command exits") || !strings.Contains(stderr, "--bpffs DIR") {
+			t.Errorf("exit %d, stderr %q: want success and a warning that the state will vanish", code, stderr)
+		}
+	}()
+	<-done
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil || st.Type == unix.BPF_FS_MAGIC {
+		t.Errorf("the bpffs mounted in the private namespace leaked into the test's (%v)", err)
+	}
+}

@@ -45,7 +45,7 @@ func ensureBPFFS(root string, log *zap.Logger) error {
 // some sandboxes) than one of its ancestors: mounts made here then vanish
 // with the namespace, as under `ip netns exec`.
 func privateMountNS() (bool, error) {
-	self, err := os.Readlink("/proc/self/ns/mnt")
+	self, err := os.Readlink("/proc/thread-self/ns/mnt")
 	if err != nil {
 		return false, err
 	}
