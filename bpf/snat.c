@@ -87,8 +87,12 @@ static __always_inline struct snat_value *rule_match(const struct pkt *p)
 {
 	struct snat_value *exact = NULL, *any;
 
-	if (p->sport)
+	if (p->sport) {
 		exact = rule_lookup(p, p->sport);
+		/* A host prefix (/32, /128) cannot be beaten: skip the 2nd lookup. */
+		if (exact && exact->src_len == (p->family == SNAT_FAMILY_V4 ? 32 : 128))
+			return exact;
+	}
 	any = rule_lookup(p, 0);
 	if (exact && (!any || exact->src_len >= any->src_len))
 		return exact;
