@@ -298,6 +298,8 @@ func TestSNATRulePrecedence(t *testing.T) {
 		{Src: netip.MustParsePrefix("198.19.16.0/28"), Proto: UDP, To: b},
 		{Src: netip.MustParsePrefix("198.19.16.0/28"), Proto: UDP, SPort: 53, To: c},
 		{Src: netip.MustParsePrefix("198.19.16.12/30"), Proto: UDP, To: a},
+		{Src: netip.MustParsePrefix("198.19.16.7/32"), Proto: UDP, To: a},
+		{Src: netip.MustParsePrefix("198.19.16.7/32"), Proto: UDP, SPort: 53, To: b},
 	}
 	for _, tc := range []struct {
 		src  string
@@ -307,6 +309,8 @@ func TestSNATRulePrecedence(t *testing.T) {
 		{"198.19.16.5:54", b},   // /28 any port
 		{"198.19.16.5:53", c},   // /28 with port beats /28 any port
 		{"198.19.16.13:53", a},  // /30 any port beats /28 with port
+		{"198.19.16.7:53", b},   // /32 with port beats /32 any port
+		{"198.19.16.7:54", a},   // /32 any port
 	} {
 		t.Run(tc.src, func(t *testing.T) {
 			tp := newTestProg(t)
