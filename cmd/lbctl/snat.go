@@ -25,7 +25,7 @@ const snatUsage = `usage:
   lbctl snat del --src PREFIX --proto udp|tcp [--sport PORT]
   lbctl snat list [--json]
 e.g. lbctl snat add --src 198.19.16.0/28 --proto udp --sport 53 --to 198.18.98.10:53
-     lbctl snat add --src 2001:db8:16::/124 --proto udp --sport 53 --to [2001:db8:98::10]:53`
+     lbctl snat add --src 2001:db8:16::10/124 --proto udp --sport 53 --to [2001:db8:98::10]:53`
 
 func runSNAT(ctx context.Context, e *env, args []string) error {
 	if len(args) == 0 {
