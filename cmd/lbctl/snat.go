@@ -54,7 +54,7 @@ func (m snatMatchFlags) parse(r *dataplane.SNATRule) error {
 	}
 	p, err := netip.ParsePrefix(*m.src)
 	if err != nil {
-		return usagef("--src %q: not a prefix (want ADDR/LEN, e.g. 198.19.16.0/28 or 2001:db8:16::/124)", *m.src)
+		return usagef("--src %q: not a prefix (want ADDR/LEN, e.g. 198.19.16.0/28 or 2001:db8:16::10/124)", *m.src)
 	}
 	r.Src = p
 	if *m.proto == "" {
