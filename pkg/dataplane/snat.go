@@ -243,8 +243,12 @@ func (d *Dataplane) AddSNAT(rule SNATRule) error {
 		return fmt.Errorf("add snat rule %s: all %d rule slots in use", rule, MaxSNATRules)
 	}
 	// A fresh rule starts with zero counters, whoever had the id before.
-	zero := make([]snatRuleStats, ebpf.MustPossibleCPU())
-	if err := d.snat.SnatRuleStats.Update(id, zero, ebpf.UpdateAny); err != nil {
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		ids.free(id)
+		return fmt.Errorf("add snat rule %s: %w", rule, err)
+	}
+	if err := d.snat.SnatRuleStats.Update(id, make([]snatRuleStats, ncpu), ebpf.UpdateAny); err != nil {
 		ids.free(id)
 		return fmt.Errorf("add snat rule %s: reset counters: %w", rule, privHint(err))
 	}
