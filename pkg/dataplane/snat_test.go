@@ -438,3 +438,23 @@ func TestSNATAddDelList(t *testing.T) {
 		t.Fatalf("list after del = %v", got)
 	}
 }
+
+// TestSNATRuleCountersReset: a rule that reuses a deleted rule's id starts
+// from zero.
+func TestSNATRuleCountersReset(t *testing.T) {
+	tp := newTestProg(t)
+	r := SNATRule{Src: net4, Proto: UDP, To: vip4}
+	tp.add(t, r)
+	tp.run(t, pkt{src: backend4, dst: client4, proto: UDP}.frame())
+	if st := tp.stats(t); st.SNATRules[0].Packets != 1 {
+		t.Fatalf("rule packets %d, want 1", st.SNATRules[0].Packets)
+	}
+	if err := tp.d.DelSNAT(r); err != nil {
+		t.Fatal(err)
+	}
+	tp.d.ruleIDs.next = 0 // make the allocator hand out the freed id again
+	tp.add(t, SNATRule{Src: net6, Proto: TCP, To: vip6})
+	if st := tp.stats(t); len(st.SNATRules) != 1 || st.SNATRules[0].Packets != 0 || st.SNATRules[0].Bytes != 0 {
+		t.Fatalf("new rule's counters %+v, want zero", st.SNATRules)
+	}
+}
