@@ -186,7 +186,7 @@ func Parse(file string, data []byte) (*Config, error) {
 func parse(file string, data []byte, modes map[Mode]bool) (*Config, error) {
 	d := newDecoder(file)
 	cfg := d.decode(data)
-	if cfg != nil {
+	if cfg != nil && !d.exhausted {
 		d.validate(cfg, modes)
 	}
 	if len(d.problems) > 0 {

@@ -26,7 +26,8 @@ const nodeBudget = 100_000
 type decoder struct {
 	file      string
 	problems  []Problem
-	lines     map[string]int // field path -> line of its key (or list item)
+	lines     map[string]int  // field path -> line of its key (or list item)
+	bad       map[string]bool // field paths with a problem already reported
 	budget    int
 	exhausted bool
 	svcs      []svcMeta // parallel to Config.Services
@@ -43,7 +44,7 @@ type svcMeta struct {
 type field func(path string, v *yaml.Node)
 
 func newDecoder(file string) *decoder {
-	return &decoder{file: file, lines: map[string]int{}, budget: nodeBudget}
+	return &decoder{file: file, lines: map[string]int{}, bad: map[string]bool{}, budget: nodeBudget}
 }
 
 func (d *decoder) add(line int, path, format string, args ...any) {
@@ -51,6 +52,7 @@ func (d *decoder) add(line int, path, format string, args ...any) {
 		line = 1
 	}
 	d.problems = append(d.problems, Problem{File: d.file, Line: line, Field: path, Msg: fmt.Sprintf(format, args...)})
+	d.bad[path] = true
 }
 
 // at reports a problem on path at the line where path, or the closest
@@ -68,10 +70,18 @@ func (d *decoder) lineOf(path string) int {
 	return 1
 }
 
-// has reports whether path was written in the file with a non-null value.
-func (d *decoder) has(path string) bool {
+// seen reports whether path was written in the file with a non-null
+// value, well-formed or not: "required" checks use it.
+func (d *decoder) seen(path string) bool {
 	_, ok := d.lines[path]
 	return ok
+}
+
+// has reports whether path was written and decoded without a problem:
+// checks of its value and defaults use it, so a malformed value is
+// reported once, not again as a consequence.
+func (d *decoder) has(path string) bool {
+	return d.seen(path) && !d.bad[path]
 }
 
 func parentPath(p string) string {
@@ -153,6 +163,10 @@ func (d *decoder) decode(data []byte) *Config {
 	}
 	if isNull(root) {
 		d.add(root.Line, "", "empty config: at least one service is required")
+		return nil
+	}
+	if root.Kind != yaml.MappingNode {
+		d.add(root.Line, "", "want a mapping of keys (log, metrics, services...), got %s", describe(root))
 		return nil
 	}
 	cfg := &Config{File: d.file}

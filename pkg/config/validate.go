@@ -71,7 +71,7 @@ func (d *decoder) validate(cfg *Config, modes map[Mode]bool) {
 		d.at("transparent.table", "table %d out of range (1-4294967295)", t)
 	}
 
-	if len(cfg.Services) == 0 && !d.has("services[0]") {
+	if len(cfg.Services) == 0 && !d.bad["services"] && !d.seen("services[0]") {
 		d.at("services", "at least one service is required")
 	}
 	for i := range cfg.Services {
@@ -86,9 +86,9 @@ func (d *decoder) service1(s *Service, m svcMeta, modes map[Mode]bool) {
 	f := func(key string) string { return p + "." + key }
 
 	switch {
-	case !d.has(f("name")):
+	case !d.seen(f("name")):
 		d.at(f("name"), "required")
-	case !serviceName.MatchString(s.Name):
+	case d.has(f("name")) && !serviceName.MatchString(s.Name):
 		d.at(f("name"), "%q: use letters, digits, '-', '_' and '.' (at most 63, starting with a letter or digit)", s.Name)
 	}
 
@@ -100,7 +100,7 @@ func (d *decoder) service1(s *Service, m svcMeta, modes map[Mode]bool) {
 		s.Protocol = ""
 	}
 
-	if !d.has(f("listen")) {
+	if !d.seen(f("listen")) {
 		d.at(f("listen"), "required")
 	}
 
@@ -186,7 +186,7 @@ func (d *decoder) service1(s *Service, m svcMeta, modes map[Mode]bool) {
 func (d *decoder) upstreams(s *Service, m svcMeta) {
 	up := m.path + ".upstreams"
 	if len(s.Upstreams) == 0 {
-		if !d.has(up + "[0]") {
+		if !d.bad[up] && !d.seen(up+"[0]") {
 			d.at(up, "at least one upstream is required")
 		}
 		return
@@ -311,8 +311,10 @@ func family(a netip.Addr) string {
 func (d *decoder) health(p string, h *Health) {
 	f := func(key string) string { return p + "." + key }
 	switch {
-	case !d.has(f("type")):
+	case !d.seen(f("type")):
 		d.at(f("type"), "required (tcp, udp, dns or http)")
+	case !d.has(f("type")):
+		// malformed, reported
 	case !knownChecks[h.Type]:
 		d.at(f("type"), "unknown check type %q (want tcp, udp, dns or http)", h.Type)
 	default:
@@ -344,7 +346,7 @@ func (d *decoder) health(p string, h *Health) {
 		}
 	}
 	if h.Type == "dns" {
-		if !d.has(f("query")) {
+		if !d.seen(f("query")) {
 			d.at(f("query"), "required for type dns")
 		} else if msg := checkDNSName(h.Query); msg != "" {
 			d.at(f("query"), "%s", msg)
