@@ -1,0 +1,93 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestConfigCheck: lbctl config check prints ok and exits 0 for a valid
+// file, lists every problem and exits 1 for a bad one, exits 2 on misuse.
+func TestConfigCheck(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, src string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(src), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	good := write("good.yaml", `services:
+  - name: web
+    listen: 198.18.98.10:80
+    upstreams: [198.19.16.11:80, 198.19.16.12:80]
+  - name: dns
+    protocol: udp
+    listen: 198.18.98.10:53
+    responses: 1
+    upstreams: [198.19.16.11:53]
+`)
+	bad := write("bad.yaml", `services:
+  - name: web
+    listen: 198.18.98.10:80
+    upstreams: [198.19.16.11:70000]
+  - name: web
+    listen: 198.18.98.10:81
+    mode: dsr
+    upstreams: [198.19.16.11:80]
+`)
+
+	code, out, errOut := lbctl(t, "config", "check", "-c", good)
+	if code != 0 || out != good+": ok (2 services)\n" || errOut != "" {
+		t.Errorf("check good: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+
+	code, out, errOut = lbctl(t, "config", "check", "-c", bad)
+	// Every problem, ordered by line: the dsr rules are reported along
+	// with the gate; a summary ends it.
+	want := strings.Join([]string{
+		bad + ":4: services[0].upstreams[0]: port 70000 out of range",
+		bad + ":5: services[1].health: mode dsr requires an active health check: the load balancer never sees the upstreams' replies, so passive checks cannot tell a dead upstream from a live one",
+		bad + ":5: services[1].protocol: mode dsr requires protocol udp (TCP with direct server return is mode xdp)",
+		bad + `:5: services[1].name: duplicate service name "web" (first at line 2)`,
+		bad + `:7: services[1].mode: mode "dsr" is not implemented yet`,
+		"lbctl config: " + bad + ": 5 problems",
+	}, "\n") + "\n"
+	if code != 1 || out != "" || errOut != want {
+		t.Errorf("check bad: exit %d, stdout %q, stderr\n%s\nwant\n%s", code, out, errOut, want)
+	}
+
+	code, _, errOut = lbctl(t, "config", "check", "-c", filepath.Join(dir, "missing.yaml"))
+	if code != 1 || !strings.Contains(errOut, "read config: open ") {
+		t.Errorf("check missing file: exit %d, stderr %q", code, errOut)
+	}
+
+	for _, args := range [][]string{
+		{"config"},
+		{"config", "check"},
+		{"config", "check", good},
+		{"config", "check", "-c"},
+		{"config", "lint", "-c", good},
+		{"config", "check", "-c", good, "--bogus"},
+	} {
+		if code, out, errOut := lbctl(t, args...); code != 2 || out != "" || errOut == "" {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q; want a usage error (2)", args, code, out, errOut)
+		}
+	}
+}
+
+// TestConfigCheckExamples: the example files pass lbctl config check apart
+// from modes not implemented yet.
+func TestConfigCheckExamples(t *testing.T) {
+	code, out, errOut := lbctl(t, "config", "check", "-c", "../../examples/proxy.yaml")
+	if code != 0 || out != "../../examples/proxy.yaml: ok (4 services)\n" {
+		t.Errorf("examples/proxy.yaml: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+	code, _, errOut = lbctl(t, "config", "check", "-c", "../../examples/lbctl.yaml")
+	for _, line := range strings.Split(strings.TrimSpace(errOut), "\n") {
+		if line != "" && !strings.Contains(line, "is not implemented yet") && !strings.HasPrefix(line, "lbctl config: ") {
+			t.Errorf("examples/lbctl.yaml: exit %d, unexpected problem %q", code, line)
+		}
+	}
+}
