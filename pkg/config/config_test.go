@@ -762,6 +762,8 @@ func TestSuggest(t *testing.T) {
 		"connect":    ` (did you mean "connect_timeout"?)`,
 		"nmae":       ` (did you mean "name"?)`,
 		"completely": ``,
+		"g":          ``,
+		"nam":        ` (did you mean "name"?)`,
 	} {
 		if got := suggest(key, fields); got != want {
 			t.Errorf("suggest(%q) = %q, want %q", key, got, want)
@@ -793,7 +795,11 @@ func FuzzParse(f *testing.F) {
 		if !errors.As(err, &ce) || len(ce.Problems) == 0 {
 			t.Fatalf("error %v (%T) lists no problems", err, err)
 		}
-		lines := strings.Count(string(data), "\n") + 2
+		// YAML breaks lines at \n, \r and the Unicode line breaks.
+		lines := 2
+		for _, br := range []string{"\n", "\r", "\u0085", "\u2028", "\u2029"} {
+			lines += strings.Count(string(data), br)
+		}
 		for _, p := range ce.Problems {
 			if p.Line < 1 || p.Line > lines || p.Msg == "" || p.File != "f.yaml" {
 				t.Fatalf("problem %+v: want file f.yaml, line 1..%d and a message", p, lines)

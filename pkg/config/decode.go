@@ -540,7 +540,8 @@ func parseAddrPort(s string) (ap netip.AddrPort, msg string) {
 // suggest returns ` (did you mean "x"?)` for the known key closest to key,
 // or "" when none is close.
 func suggest(key string, fields map[string]field) string {
-	best, bestDist := "", 3
+	// Short keys get no suggestion from far away ("g" is not "log").
+	best, bestDist := "", min(3, len(key)/2+1)
 	names := make([]string, 0, len(fields))
 	for name := range fields {
 		names = append(names, name)
