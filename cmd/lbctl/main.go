@@ -35,6 +35,7 @@ func commands() []command {
 		detachCmd,
 		snatCmd,
 		statsCmd,
+		doctorCmd,
 	}
 }
 

@@ -1,0 +1,311 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/lbctl/lbctl/test/testenv"
+	"github.com/lbctl/lbctl/test/topo"
+)
+
+// doctorConfig: one service per kind of host set-up the doctor knows.
+const doctorConfig = `services:
+  - name: web
+    protocol: tcp
+    listen: 198.18.98.10:80
+    mode: transparent
+    upstreams: [198.19.16.11:80]
+  - name: dns
+    protocol: udp
+    listen: 198.18.98.10:53
+    mode: dsr
+    dsr: {nat: router}
+    upstreams: [198.19.16.13:53, 198.19.16.14:53]
+    health: {type: dns, query: www.example.com}
+  - name: origin
+    protocol: udp
+    listen: 198.18.98.10:5353
+    mode: dsr
+    dsr: {nat: origin}
+    upstreams: [198.19.16.12:53]
+    health: {type: dns, query: www.example.com}
+`
+
+// doctorIn runs lbctl doctor in h's network namespace (in-process, on a
+// thread moved there) and returns exit status and stdout.
+func doctorIn(t *testing.T, h *topo.Host, cfg string, extra ...string) (int, string) {
+	t.Helper()
+	var code int
+	var out, stderr string
+	args := append([]string{"--bpffs", h.BPFFS, "doctor", "-c", cfg}, extra...)
+	if err := h.Do(func() error {
+		code, out, stderr = lbctl(t, args...)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if code != 0 {
+		t.Logf("doctor in %s: exit %d\n%s%s", h.Role, code, out, stderr)
+	}
+	return code, out
+}
+
+func mustRun(t *testing.T, h *topo.Host, args ...string) {
+	t.Helper()
+	if _, err := h.Run(args[0], args[1:]...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// failLine reports whether out has a FAIL line for check name.
+func failLine(out, name string) bool {
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "FAIL") && strings.HasPrefix(strings.TrimSpace(strings.TrimPrefix(l, "FAIL")), name) {
+			return true
+		}
+	}
+	return false
+}
+
+// TestDoctor: a healthy set-up of the LB and two backends passes; each
+// broken variant makes doctor exit 1 with its FAIL line, and the set-up
+// passes again once repaired.
+func TestDoctor(t *testing.T) {
+	testenv.RequireCommand(t, "ip", "sysctl")
+	tp := topo.Start(t, topo.Options{Backends: 4, OriginNAT: true, LBForward: true})
+	cfg := filepath.Join(t.TempDir(), "lbctl.yaml")
+	if err := os.WriteFile(cfg, []byte(doctorConfig), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	lb, b1, b2 := tp.LB, tp.Backends[0], tp.Backends[1]
+
+	// The LB: policy routing of transparent mode, snat for router NAT.
+	mustRun(t, lb, "ip", "rule", "add", "fwmark", "0x1062", "lookup", "4194")
+	mustRun(t, lb, "ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "4194")
+	mustRun(t, lb, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
+	if err := lb.Do(func() error {
+		if code, out, stderr := lbctl(t, "--bpffs", lb.BPFFS, "attach", "eth0"); code != 0 {
+			t.Errorf("attach on the LB: exit %d %s %s", code, out, stderr)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// backend1 serves web (transparent); backend2 rewrites its own replies.
+	if err := b1.Do(func() error {
+		l, err := net.Listen("tcp", "198.19.16.11:80")
+		if err == nil {
+			t.Cleanup(func() { l.Close() })
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, b2, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.eth0.rp_filter=2")
+	if err := b2.Do(func() error {
+		for _, args := range [][]string{
+			{"--bpffs", b2.BPFFS, "attach", "eth1"},
+			{"--bpffs", b2.BPFFS, "snat", "add", "--src", "198.19.16.12/32", "--proto", "udp", "--sport", "53", "--to", "198.18.98.10:5353"},
+		} {
+			if code, out, stderr := lbctl(t, args...); code != 0 {
+				t.Errorf("lbctl %v on backend2: exit %d %s %s", args, code, out, stderr)
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	hosts := []struct {
+		h    *topo.Host
+		args []string
+	}{
+		{lb, nil},
+		{b1, []string{"--upstream", "--lb", "198.19.16.1"}},
+		{b2, []string{"--upstream", "--lb", "198.19.16.1"}},
+	}
+	healthy := func(when string) {
+		t.Helper()
+		for _, h := range hosts {
+			code, out := doctorIn(t, h.h, cfg, h.args...)
+			if code != 0 || strings.Contains(out, "FAIL") || !strings.Contains(out, "PASS") {
+				t.Errorf("%s: doctor on %s: exit %d, want 0 and no FAIL:\n%s", when, h.h.Role, code, out)
+			}
+		}
+		code, out := doctorIn(t, lb, cfg)
+		for _, want := range []string{"PASS  privileges", "attached snat eth0", "policy rule ipv4", "local route ipv4",
+			"forwarding ipv4", "subnets web", "upstream 198.19.16.11:80/tcp", "upstream 198.19.16.13:53/udp"} {
+			if code != 0 || !strings.Contains(out, want) {
+				t.Errorf("%s: doctor on the LB does not report %q:\n%s", when, want, out)
+			}
+		}
+	}
+	healthy("healthy set-up")
+
+	for _, v := range []struct {
+		name        string
+		host        *topo.Host
+		args        []string
+		break_, fix [][]string
+		want        string
+		fails       int // FAIL lines expected; 0 means 1
+	}{
+		{
+			name: "rp_filter strict on the interface origin-NAT datagrams arrive on",
+			host: b2, args: hosts[2].args,
+			break_: [][]string{{"sysctl", "-qw", "net.ipv4.conf.eth0.rp_filter=1"}},
+			fix:    [][]string{{"sysctl", "-qw", "net.ipv4.conf.eth0.rp_filter=2"}},
+			want:   "rp_filter eth0",
+		},
+		{
+			name:   "missing local route of the policy routing",
+			host:   lb,
+			break_: [][]string{{"ip", "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", "4194"}},
+			fix:    [][]string{{"ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "4194"}},
+			want:   "local route ipv4",
+		},
+		{
+			name:   "missing policy rule",
+			host:   lb,
+			break_: [][]string{{"ip", "rule", "del", "fwmark", "0x1062", "lookup", "4194"}},
+			fix:    [][]string{{"ip", "rule", "add", "fwmark", "0x1062", "lookup", "4194"}},
+			want:   "policy rule ipv4",
+		},
+		{
+			name: "backend default route not via the LB",
+			host: b1, args: hosts[1].args,
+			break_: [][]string{{"ip", "route", "replace", "default", "via", "198.19.16.254"}},
+			fix:    [][]string{{"ip", "route", "replace", "default", "via", "198.19.16.1"}},
+			want:   "default route ipv4",
+		},
+		{
+			name:   "client network overlapping the upstreams'",
+			host:   lb,
+			break_: [][]string{{"ip", "addr", "add", "198.19.0.10/16", "dev", "eth0"}},
+			fix:    [][]string{{"ip", "addr", "del", "198.19.0.10/16", "dev", "eth0"}},
+			want:   "subnets web",
+			fails:  2, // dns has the same upstream network
+		},
+		{
+			name:   "forwarding off for router NAT",
+			host:   lb,
+			break_: [][]string{{"sysctl", "-qw", "net.ipv4.ip_forward=0"}},
+			fix:    [][]string{{"sysctl", "-qw", "net.ipv4.ip_forward=1"}},
+			want:   "forwarding ipv4",
+		},
+		{
+			name: "snat not attached on the LB",
+			host: lb,
+			want: "attached snat eth0",
+		},
+		{
+			name: "backend without its origin-NAT rule",
+			host: b2, args: hosts[2].args,
+			want: "snat rule origin 198.19.16.12:53",
+		},
+		{
+			name: "upstream not listening",
+			host: lb,
+			want: "upstream 198.19.16.11:80/tcp",
+		},
+	} {
+		t.Run(v.name, func(t *testing.T) {
+			switch v.want {
+			case "attached snat eth0":
+				lbDo(t, lb, []string{"detach", "eth0"})
+				defer lbDo(t, lb, []string{"attach", "eth0"})
+			case "snat rule origin 198.19.16.12:53":
+				lbDo(t, b2, []string{"snat", "del", "--src", "198.19.16.12/32", "--proto", "udp", "--sport", "53"})
+				defer lbDo(t, b2, []string{"snat", "add", "--src", "198.19.16.12/32", "--proto", "udp", "--sport", "53", "--to", "198.18.98.10:5353"})
+			case "upstream 198.19.16.11:80/tcp":
+				// Nothing listens on port 81: use a config pointing there.
+				alt := filepath.Join(t.TempDir(), "alt.yaml")
+				if err := os.WriteFile(alt, []byte(strings.Replace(doctorConfig, "198.19.16.11:80", "198.19.16.11:81", 1)), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				code, out := doctorIn(t, lb, alt)
+				if code != 1 || !failLine(out, "upstream 198.19.16.11:81/tcp") {
+					t.Errorf("exit %d, want 1 and a FAIL line for upstream 198.19.16.11:81/tcp:\n%s", code, out)
+				}
+				return
+			}
+			for _, c := range v.break_ {
+				mustRun(t, v.host, c...)
+			}
+			code, out := doctorIn(t, v.host, cfg, v.args...)
+			for _, c := range v.fix {
+				mustRun(t, v.host, c...)
+			}
+			if code != 1 || !failLine(out, v.want) {
+				t.Errorf("exit %d, want 1 and a FAIL line for %q:\n%s", code, v.want, out)
+			}
+			if n := max(v.fails, 1); strings.Count(out, "\nFAIL") != n {
+				t.Errorf("want exactly %d FAIL lines (%s):\n%s", n, v.want, out)
+			}
+			for _, l := range strings.Split(out, "\n") {
+				if strings.HasPrefix(l, "FAIL") && !strings.Contains(l, "fix: ") {
+					t.Errorf("FAIL line without a fix: %s", l)
+				}
+			}
+		})
+	}
+	healthy("after the repairs")
+
+	// Missing capability: a child process whose bounding set lacks
+	// CAP_NET_RAW (capsh --drop) runs doctor in the LB's namespace.
+	t.Run("missing CAP_NET_RAW", func(t *testing.T) {
+		testenv.RequireCommand(t, "capsh")
+		self, err := os.Executable()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command("ip", "netns", "exec", lb.NS, "capsh", "--drop=cap_net_raw", "--",
+			"-c", `exec "$0" "$@"`, self, "-test.run=^TestDoctorChild$", "--",
+			"--bpffs", lb.BPFFS, "doctor", "-c", cfg)
+		cmd.Env = append(os.Environ(), "LBCTL_DOCTOR_CHILD=1")
+		out, err := cmd.Output()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+			t.Fatalf("child: %v, want exit 1:\n%s", err, out)
+		}
+		if !failLine(string(out), "privileges") || !strings.Contains(string(out), "missing CAP_NET_RAW") ||
+			!strings.Contains(string(out), "--cap-add NET_RAW") {
+			t.Errorf("want a FAIL privileges line naming CAP_NET_RAW and its fix:\n%s", out)
+		}
+		t.Logf("doctor without CAP_NET_RAW:\n%s", out)
+		if strings.Count(string(out), "\nFAIL") != 0 || !strings.HasPrefix(string(out), "FAIL") {
+			t.Errorf("want the privileges line as the only FAIL (the pings cannot be sent: WARN):\n%s", out)
+		}
+		if strings.Contains(string(out), "CAP_BPF,") || strings.Contains(string(out), "missing CAP_NET_ADMIN") {
+			t.Errorf("only CAP_NET_RAW was dropped:\n%s", out)
+		}
+	})
+}
+
+// TestDoctorChild is the child process of TestDoctor's capability case:
+// it runs lbctl with the arguments after "--" and exits with its status.
+func TestDoctorChild(t *testing.T) {
+	if os.Getenv("LBCTL_DOCTOR_CHILD") != "1" {
+		return // only as TestDoctor's child
+	}
+	code := run(t.Context(), flag.Args(), os.Stdout, os.Stderr)
+	os.Exit(code)
+}
+
+func lbDo(t *testing.T, h *topo.Host, args []string) {
+	t.Helper()
+	if err := h.Do(func() error {
+		if code, out, stderr := lbctl(t, append([]string{"--bpffs", h.BPFFS}, args...)...); code != 0 {
+			t.Errorf("lbctl %v in %s: exit %d %s %s", args, h.Role, code, out, stderr)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
