@@ -34,6 +34,7 @@ const (
 // gate test in config_test.go); nothing else needs to change.
 var implementedModes = map[Mode]bool{
 	ModeProxy: true,
+	ModeDSR:   true,
 }
 
 // Protocol is the transport of a service.

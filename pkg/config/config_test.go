@@ -807,3 +807,22 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// TestDSRExample: examples/dsr.yaml runs today, and a dsr service gets the
+// defaults of a sessionless mode: router NAT, no reply expected, no
+// session timeout, no passive checks.
+func TestDSRExample(t *testing.T) {
+	cfg, err := Load("../../examples/dsr.yaml")
+	if err != nil {
+		t.Fatalf("examples/dsr.yaml must run: %v", err)
+	}
+	if len(cfg.Services) != 2 {
+		t.Fatalf("%d services, want 2", len(cfg.Services))
+	}
+	for _, s := range cfg.Services {
+		if s.Mode != ModeDSR || s.Protocol != UDP || s.DSR.NAT != "router" || s.Responses != 0 ||
+			s.Timeout != 0 || s.Passive.MaxFails != 0 || s.Balance != RoundRobin || s.Health == nil {
+			t.Errorf("service %s: %+v", s.Name, s)
+		}
+	}
+}
