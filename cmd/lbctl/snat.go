@@ -11,6 +11,8 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/lbctl/lbctl/pkg/config"
+	"github.com/lbctl/lbctl/pkg/daemon"
 	"github.com/lbctl/lbctl/pkg/dataplane"
 )
 
@@ -22,10 +24,13 @@ var snatCmd = command{
 
 const snatUsage = `usage:
   lbctl snat add --src PREFIX --proto udp|tcp [--sport PORT] --to ADDR[:PORT]
+  lbctl snat add --vip-from lbctl.yaml --service NAME [--src ADDR]
   lbctl snat del --src PREFIX --proto udp|tcp [--sport PORT]
+  lbctl snat del --vip-from lbctl.yaml --service NAME [--src ADDR]
   lbctl snat list [--json]
 e.g. lbctl snat add --src 198.19.16.0/28 --proto udp --sport 53 --to 198.18.98.10:53
-     lbctl snat add --src 2001:db8:16::10/124 --proto udp --sport 53 --to [2001:db8:98::10]:53`
+     lbctl snat add --src 2001:db8:16::10/124 --proto udp --sport 53 --to [2001:db8:98::10]:53
+     lbctl snat add --vip-from lbctl.yaml --service dns --src 198.19.16.11   (origin NAT on backend 1)`
 
 func runSNAT(ctx context.Context, e *env, args []string) error {
 	if len(args) == 0 {
@@ -45,8 +50,43 @@ func runSNAT(ctx context.Context, e *env, args []string) error {
 	return usagef("unknown subcommand %q: want add, del or list\n%s", args[0], snatUsage)
 }
 
-// snatMatchFlags are the flags naming a rule's match.
-type snatMatchFlags struct{ src, proto, sport *string }
+// snatMatchFlags are the flags naming a rule's match, or the config
+// service it is derived from.
+type snatMatchFlags struct{ src, proto, sport, vipFrom, service *string }
+
+// fromConfig returns the rules --vip-from and --service derive (with
+// --src, this backend's only); ok is false without --vip-from.
+func (m snatMatchFlags) fromConfig(to string) (rules []dataplane.SNATRule, ok bool, err error) {
+	if *m.vipFrom == "" {
+		if *m.service != "" {
+			return nil, false, usagef("--service needs --vip-from FILE\n%s", snatUsage)
+		}
+		return nil, false, nil
+	}
+	if *m.service == "" {
+		return nil, true, usagef("--vip-from needs --service NAME\n%s", snatUsage)
+	}
+	if *m.proto != "" || *m.sport != "" || to != "" {
+		return nil, true, usagef("--vip-from derives --proto, --sport and --to from the service: leave them out")
+	}
+	var only netip.Prefix
+	if *m.src != "" {
+		if a, err := netip.ParseAddr(*m.src); err == nil {
+			only = netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen())
+		} else if only, err = netip.ParsePrefix(*m.src); err != nil {
+			return nil, true, usagef("--src %q: not an address (want this backend's address, e.g. 198.19.16.11)", *m.src)
+		}
+	}
+	cfg, err := config.Load(*m.vipFrom)
+	if err != nil {
+		return nil, true, err
+	}
+	rules, err = daemon.OriginNATRules(cfg, *m.service, only)
+	if err != nil {
+		return nil, true, usageError{msg: err.Error()}
+	}
+	return rules, true, nil
+}
 
 func (m snatMatchFlags) parse(r *dataplane.SNATRule) error {
 	if *m.src == "" {
@@ -132,9 +172,11 @@ type flagSetWithMatch struct {
 func newSNATFlags(e *env, sub string) *flagSetWithMatch {
 	fs := newFlags("snat "+sub, e.stderr)
 	m := snatMatchFlags{
-		src:   fs.String("src", "", "source `PREFIX` to match, e.g. 198.19.16.0/28"),
-		proto: fs.String("proto", "", "protocol to match: udp or tcp"),
-		sport: fs.String("sport", "", "source `PORT` to match (default: any)"),
+		src:     fs.String("src", "", "source `PREFIX` to match, e.g. 198.19.16.0/28 (with --vip-from: this backend's ADDR)"),
+		proto:   fs.String("proto", "", "protocol to match: udp or tcp"),
+		sport:   fs.String("sport", "", "source `PORT` to match (default: any)"),
+		vipFrom: fs.String("vip-from", "", "derive the rules from the config `FILE` lbctl run reads (origin NAT)"),
+		service: fs.String("service", "", "with --vip-from: the `NAME` of the service"),
 	}
 	fs.Usage = func() {
 		fmt.Fprintln(e.stderr, snatUsage)
@@ -152,6 +194,12 @@ func runSNATAdd(e *env, args []string) error {
 	}
 	if len(pos) > 0 {
 		return usagef("unexpected argument %q\n%s", pos[0], snatUsage)
+	}
+	if rules, ok, err := f.m.fromConfig(*to); ok || err != nil {
+		if err != nil {
+			return err
+		}
+		return snatAddDerived(e, rules)
 	}
 	var r dataplane.SNATRule
 	if err := f.m.parse(&r); err != nil {
@@ -187,6 +235,12 @@ func runSNATDel(e *env, args []string) error {
 	if len(pos) > 0 {
 		return usagef("unexpected argument %q\n%s", pos[0], snatUsage)
 	}
+	if rules, ok, err := f.m.fromConfig(""); ok || err != nil {
+		if err != nil {
+			return err
+		}
+		return snatDelDerived(e, rules)
+	}
 	var r dataplane.SNATRule
 	if err := f.m.parse(&r); err != nil {
 		return err
@@ -203,6 +257,47 @@ func runSNATDel(e *env, args []string) error {
 		return err
 	}
 	fmt.Fprintf(e.stdout, "deleted snat rule %s\n", r)
+	return nil
+}
+
+// snatAddDerived adds the rules derived from a config; those present with
+// the same target already are left as they are (running it twice is fine).
+func snatAddDerived(e *env, rules []dataplane.SNATRule) error {
+	dp, err := openDataplane(e, false, false)
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	for _, r := range rules {
+		added, err := daemon.EnsureSNAT(dp, r)
+		if err != nil {
+			return err
+		}
+		if added {
+			fmt.Fprintf(e.stdout, "added snat rule %s\n", r)
+		} else {
+			fmt.Fprintf(e.stdout, "snat rule %s already present\n", r)
+		}
+	}
+	return nil
+}
+
+// snatDelDerived deletes the rules derived from a config.
+func snatDelDerived(e *env, rules []dataplane.SNATRule) error {
+	dp, err := openDataplane(e, false, true)
+	if err != nil {
+		if errorsIsNoState(err) {
+			return fmt.Errorf("delete snat rule %s: %w (no lbctl state under %s)", rules[0], dataplane.ErrRuleNotFound, e.bpffs)
+		}
+		return err
+	}
+	defer dp.Close()
+	for _, r := range rules {
+		if err := dp.DelSNAT(r); err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stdout, "deleted snat rule %s\n", r)
+	}
 	return nil
 }
 
