@@ -141,4 +141,3 @@ func TestParseReply(t *testing.T) {
 		t.Fatalf("a good reply: %v", err)
 	}
 }
-

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -169,6 +170,8 @@ type Tracker struct {
 	nextSub int
 
 	deliverMu sync.Mutex // serialises delivery so changes arrive in order
+
+	view atomic.Pointer[view] // lock-free read path
 }
 
 // NewTracker builds the tracker of svc. Every upstream starts up (as in
@@ -227,6 +230,7 @@ func NewTracker(svc config.Service, opts Options) (*Tracker, error) {
 	}
 	t.allDown = t.computeAllDown()
 	t.mu.Lock()
+	t.publish()
 	for _, u := range t.ups {
 		if u.passive == passiveDown {
 			// The old tracker's timer dies with it: ours ends the rest of
@@ -259,30 +263,19 @@ func (t *Tracker) Len() int { return len(t.ups) }
 func (t *Tracker) Addr(i int) netip.AddrPort { return t.ups[i].cfg.Addr }
 
 // Up reports whether upstream i is healthy (state up or probation). It
-// ignores the all-down rule; balancers use Eligible.
-func (t *Tracker) Up(i int) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.ups[i].state.Eligible()
-}
+// ignores the all-down rule; balancers use Eligible (or ForBalancer).
+func (t *Tracker) Up(i int) bool { return t.view.Load().ups[i].state.Eligible() }
 
 // State is upstream i's state.
-func (t *Tracker) State(i int) State {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.ups[i].state
-}
+func (t *Tracker) State(i int) State { return t.view.Load().ups[i].state }
 
 // Eligible reports whether a balancer may choose upstream i now: it is up
 // (or on probation), or every upstream of the service is down and
 // on_all_down is try (nginx's behaviour: try them all anyway). An upstream
 // marked `down: true` is never eligible. Backups are the balancer's
-// business: Eligible says nothing about primary versus backup.
-func (t *Tracker) Eligible(i int) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.eligible(t.ups[i])
-}
+// business: Eligible says nothing about primary versus backup. It takes no
+// lock: the front end may call it at every pick.
+func (t *Tracker) Eligible(i int) bool { return t.view.Load().ups[i].eligible }
 
 func (t *Tracker) eligible(u *upstream) bool {
 	switch {
@@ -296,19 +289,18 @@ func (t *Tracker) eligible(u *upstream) bool {
 }
 
 // AllDown reports whether every upstream not marked `down: true` is down.
-func (t *Tracker) AllDown() bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.allDown
-}
+func (t *Tracker) AllDown() bool { return t.view.Load().allDown }
 
 // Weight is upstream i's effective weight in WeightScale units: 0 when not
 // eligible, the configured weight × WeightScale when up, and during slow
 // start a share of it that grows linearly from 1 over passive.slow_start.
+// It takes no lock.
 func (t *Tracker) Weight(i int) int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.weight(t.ups[i], t.clock.Now())
+	v := &t.view.Load().ups[i]
+	if v.rampStart.IsZero() {
+		return v.weight
+	}
+	return ramp(v.weight, t.clock.Now().Sub(v.rampStart), t.slowStart)
 }
 
 func (t *Tracker) weight(u *upstream, now time.Time) int {
@@ -319,12 +311,59 @@ func (t *Tracker) weight(u *upstream, now time.Time) int {
 	if u.rampStart.IsZero() || t.slowStart <= 0 || t.allDown {
 		return full
 	}
-	el := now.Sub(u.rampStart)
-	if el >= t.slowStart {
+	return ramp(full, now.Sub(u.rampStart), t.slowStart)
+}
+
+// ramp is full weight scaled by elapsed/slowStart, at least 1.
+func ramp(full int, elapsed, slowStart time.Duration) int {
+	if elapsed >= slowStart {
 		return full
 	}
-	return max(1, int(int64(full)*int64(el)/int64(t.slowStart)))
+	return max(1, int(int64(full)*int64(max(elapsed, 0))/int64(slowStart)))
 }
+
+// view is what the lock-free readers see; rebuilt under mu on every change.
+type view struct {
+	allDown bool
+	ups     []viewEntry
+}
+
+type viewEntry struct {
+	state     State
+	eligible  bool
+	weight    int       // full effective weight, 0 when not eligible
+	rampStart time.Time // zero = no ramp
+}
+
+// publish rebuilds the readers' view. t.mu is held.
+func (t *Tracker) publish() {
+	v := &view{allDown: t.allDown, ups: make([]viewEntry, len(t.ups))}
+	for i, u := range t.ups {
+		e := viewEntry{state: u.state, eligible: t.eligible(u)}
+		if e.eligible {
+			e.weight = u.cfg.Weight * WeightScale
+			if !u.rampStart.IsZero() && t.slowStart > 0 && !t.allDown {
+				e.rampStart = u.rampStart
+			}
+		}
+		v.ups[i] = e
+	}
+	t.view.Store(v)
+}
+
+// ForBalancer returns t as the front end's health source: Up means
+// "may be chosen" (Eligible, all-down rule included), Weight is the
+// effective weight, and reports go to the passive accounting. It satisfies
+// pkg/proxy's Health interface.
+func (t *Tracker) ForBalancer() Balancing { return Balancing{t} }
+
+// Balancing is a Tracker seen by a balancer; see ForBalancer.
+type Balancing struct{ t *Tracker }
+
+func (b Balancing) Up(i int) bool       { return b.t.Eligible(i) }
+func (b Balancing) Weight(i int) int    { return b.t.Weight(i) }
+func (b Balancing) ReportFailure(i int) { b.t.ReportFailure(i) }
+func (b Balancing) ReportSuccess(i int) { b.t.ReportSuccess(i) }
 
 // Subscribe calls fn with every change from now on, in order, and returns a
 // function that cancels the subscription. fn runs on the goroutine that
@@ -577,6 +616,7 @@ func (t *Tracker) enqueue(u *upstream, from State, now time.Time, reason string)
 			idx = i
 		}
 	}
+	t.publish()
 	t.queue = append(t.queue, Change{
 		Service: t.svc, Index: idx, Addr: u.cfg.Addr, From: from, To: u.state,
 		Weight: t.weight(u, now), Eligible: t.eligible(u), AllDown: t.allDown,

@@ -386,6 +386,16 @@ func TestAllDownTry(t *testing.T) {
 	if h.tr.Eligible(2) {
 		t.Fatal("an upstream marked down: true is eligible when all are down")
 	}
+	// The balancer's view: Up means "may be chosen".
+	var b interface {
+		Up(int) bool
+		Weight(int) int
+		ReportFailure(int)
+		ReportSuccess(int)
+	} = h.tr.ForBalancer()
+	if !b.Up(0) || !b.Up(1) || b.Up(2) || b.Weight(0) != WeightScale {
+		t.Fatalf("ForBalancer all down: up %v %v %v weight %d, want true true false %d", b.Up(0), b.Up(1), b.Up(2), b.Weight(0), WeightScale)
+	}
 	// Still all down: logged once.
 	h.check(0, false)
 	h.check(1, false)
