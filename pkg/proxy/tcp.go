@@ -42,9 +42,9 @@ type tcpState struct {
 }
 
 type stats struct {
-	active                      atomic.Int64
-	accepted, rejected, failed  atomic.Uint64
-	bytesIn, bytesOut           atomic.Uint64
+	active                     atomic.Int64
+	accepted, rejected, failed atomic.Uint64
+	bytesIn, bytesOut          atomic.Uint64
 }
 
 func (s *stats) snapshot() Stats {
