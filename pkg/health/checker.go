@@ -210,6 +210,12 @@ func (c *Checker) work() {
 
 // run performs one check, records it and queues the next one.
 func (c *Checker) run(j *job) {
+	c.mu.Lock()
+	removed := j.removed || c.closed
+	c.mu.Unlock()
+	if removed {
+		return
+	}
 	h := j.t.health
 	ctx, cancel := context.WithTimeout(c.ctx, h.Timeout)
 	start := time.Now()
@@ -218,7 +224,7 @@ func (c *Checker) run(j *job) {
 	cancel()
 
 	c.mu.Lock()
-	removed := j.removed || c.closed
+	removed = j.removed || c.closed
 	if !removed {
 		next := j.due.Add(h.Interval + randJitter(h.Interval))
 		if now := time.Now(); next.Before(now) {
