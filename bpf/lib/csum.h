@@ -134,4 +134,38 @@ static __always_inline int set_sport(struct __sk_buff *skb, const struct pkt *p,
 	return bpf_l4_csum_replace(skb, l4_csum_off(p), p->sport, to, l4_csum_flags(p) | sizeof(to));
 }
 
+/* The helpers below work on raw checksum fields, with no skb: XDP programs
+ * (which see whole frames, never CHECKSUM_PARTIAL) write the results
+ * directly, TC programs may use them for header fields the kernel never
+ * offloads (the IPv4 header checksum). */
+
+/* csum_replace2 returns check updated for one 16-bit word going from from
+ * to to (network order). */
+static __always_inline __u16 csum_replace2(__u16 check, __u16 from, __u16 to)
+{
+	__u64 s = (__u16)~check;
+
+	s += (__u16)~from + to;
+	return ~csum_fold32(s);
+}
+
+/* csum_add_diff returns check updated by diff, a 32-bit ones'-complement
+ * sum of ~old and new words (csum_diff16). */
+static __always_inline __u16 csum_add_diff(__u16 check, __u32 diff)
+{
+	__u64 s = (__u16)~check;
+
+	s += diff;
+	return ~csum_fold32(s);
+}
+
+/* l4_csum_fix maps an updated UDP checksum that came out 0 to 0xffff (0
+ * means "no checksum" in UDP). TCP checksums are left alone. */
+static __always_inline __u16 l4_csum_fix(__u8 proto, __u16 check)
+{
+	if (proto == IPPROTO_UDP && check == 0)
+		return 0xffff;
+	return check;
+}
+
 #endif /* LBCTL_CSUM_H */

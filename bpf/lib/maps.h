@@ -82,4 +82,95 @@ enum snat_counter {
 	SNAT_COUNTER_MAX,
 };
 
+/* ---- xdp_lb: the XDP load balancer (bpf/xdp_lb.c) ---- */
+
+/* Services (VIP:port + protocol), backends over all services, Maglev
+ * table size (a prime; every table has exactly this many slots), and
+ * TCP flows remembered by the connection table (LRU). */
+#ifndef XDP_MAX_SERVICES
+#define XDP_MAX_SERVICES 256
+#endif
+#ifndef XDP_MAX_BACKENDS
+#define XDP_MAX_BACKENDS 4096
+#endif
+#ifndef XDP_TABLE_SIZE
+#define XDP_TABLE_SIZE 65537
+#endif
+#ifndef XDP_MAX_FLOWS
+#define XDP_MAX_FLOWS 131072
+#endif
+
+/* A table slot holding no backend (no backend eligible): packets dropped. */
+#define XDP_NO_BACKEND 0xffffffff
+
+/* Key of xdp_services: a VIP, port and protocol. IPv4 fills addr[0..3]. */
+struct xdp_service_key {
+	__u8 family;	/* SNAT_FAMILY_V4 or SNAT_FAMILY_V6 */
+	__u8 proto;	/* IPPROTO_UDP or IPPROTO_TCP */
+	__be16 port;	/* VIP port */
+	__u8 addr[16];	/* VIP */
+};
+
+/* Value of xdp_services. */
+struct xdp_service {
+	__u32 id;	/* index into xdp_tables and xdp_service_stats */
+	__u32 gen;	/* generation of the table in xdp_tables[id]; user space only */
+};
+
+/* Flags of struct xdp_backend. */
+#define XDP_BACKEND_ACTIVE 1	/* configured (up or down); flows to it are kept */
+
+/* Value of xdp_backends, indexed by backend id. */
+struct xdp_backend {
+	__u8 addr[16];	/* new destination; IPv4 fills addr[0..3] */
+	__be16 port;	/* new destination port */
+	__u8 family;
+	__u8 flags;	/* XDP_BACKEND_* */
+	__u32 service;	/* id of the service it belongs to (user space bookkeeping) */
+};
+
+/* Key of xdp_flows (TCP connection table). */
+struct xdp_flow_key {
+	__u8 family;
+	__u8 proto;
+	__be16 sport;
+	__be16 dport;
+	__u16 pad;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+/* Value of xdp_flows. */
+struct xdp_flow {
+	__u32 backend;	/* backend id */
+	__u32 pad;
+};
+
+/* Value of xdp_fib_cache (per CPU), indexed by backend id: the next hop
+ * bpf_fib_lookup gave for the backend, valid until expires (ktime ns). */
+struct xdp_fib_entry {
+	__u64 expires;
+	__u32 in_ifindex;	/* the lookup was made for packets arriving here */
+	__u32 out_ifindex;
+	__u8 smac[6];
+	__u8 dmac[6];
+};
+
+/* Indices of xdp_counters (per CPU). Stable: never renumber, only append.
+ * seen = passed + tx + redirected + dropped + fib_miss + fragments + unsupported. */
+enum xdp_counter {
+	XDP_C_SEEN = 0,		/* packets the program ran on */
+	XDP_C_PASSED = 1,	/* not for a VIP (or not parsed): passed untouched */
+	XDP_C_TX = 2,		/* rewritten, sent back out of the same interface */
+	XDP_C_REDIRECTED = 3,	/* rewritten, redirected to another interface */
+	XDP_C_DROPPED = 4,	/* for a VIP with no eligible backend */
+	XDP_C_FIB_MISS = 5,	/* rewritten, no next hop known: passed to the stack to route */
+	XDP_C_FRAGMENTS = 6,	/* a fragment of a VIP datagram: passed untouched */
+	XDP_C_UNSUPPORTED = 7,	/* for a VIP but IPv4 options / IPv6 extension headers: passed untouched */
+	XDP_C_FLOW_HIT = 8,	/* TCP packet sent to the backend its flow already had */
+	XDP_C_FLOW_NEW = 9,	/* TCP flow entered into xdp_flows */
+	XDP_C_ERRORS = 10,	/* redirect refused, or a map update failed */
+	XDP_C_COUNTER_MAX,
+};
+
 #endif /* LBCTL_MAPS_H */

@@ -10,7 +10,7 @@ import (
 
 var attachCmd = command{
 	name:    "attach",
-	summary: "attach lbctl's programs to IFACE (tc egress snat); state stays pinned",
+	summary: "attach lbctl's programs to IFACE (tc egress snat; --xdp: the XDP load balancer); state stays pinned",
 	run:     runAttach,
 }
 
@@ -43,8 +43,8 @@ func openDataplane(e *env, force, noCreate bool) (*dataplane.Dataplane, error) {
 
 func runAttach(ctx context.Context, e *env, args []string) error {
 	fs := newFlags("attach", e.stderr)
-	xdp := fs.Bool("xdp", false, "also attach the XDP load balancer (not implemented yet)")
-	xdpMode := fs.String("xdp-mode", "", "XDP mode: native or generic (not implemented yet)")
+	xdp := fs.Bool("xdp", false, "also attach the XDP load balancer (xdp_lb) to IFACE")
+	xdpMode := fs.String("xdp-mode", "", "XDP mode: native or generic (default: native where the driver supports it, else generic)")
 	steer := fs.Bool("steer", false, "also attach tc ingress steer (not implemented yet)")
 	clsact := fs.Bool("clsact", false, "attach with clsact + cls_bpf even if the kernel has tcx (testing the fallback)")
 	fs.Usage = func() {
@@ -58,11 +58,9 @@ func runAttach(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 1 {
 		return usagef("want exactly one interface, got %d arguments (usage: lbctl attach IFACE)", len(pos))
 	}
-	if *xdpMode != "" && *xdpMode != "native" && *xdpMode != "generic" {
+	mode, err := dataplane.ParseXDPMode(*xdpMode)
+	if err != nil {
 		return usagef("--xdp-mode %q: want native or generic", *xdpMode)
-	}
-	if *xdp || *xdpMode != "" {
-		return fmt.Errorf("attach --xdp: not implemented yet (only tc egress snat is)")
 	}
 	if *steer {
 		return fmt.Errorf("attach --steer: not implemented yet (only tc egress snat is)")
@@ -78,6 +76,13 @@ func runAttach(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	fmt.Fprintf(e.stdout, "attached snat to %s egress with %s (state in %s)\n", ifname, method, dp.Dir())
+	if *xdp || *xdpMode != "" {
+		got, err := dp.AttachXDP(ifname, mode)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stdout, "attached xdp_lb to %s in %s mode\n", ifname, got)
+	}
 	return nil
 }
 

@@ -129,15 +129,31 @@ func TestAttachTCXAndErrors(t *testing.T) {
 		if code != 1 || !strings.Contains(stderr, `unknown interface "eth7"`) || !strings.Contains(stderr, "available: lo, v0, v1") {
 			t.Errorf("attach eth7: exit %d, %q", code, stderr)
 		}
-		code, _, stderr = lbctl(t, "--bpffs", root, "attach", "v0", "--xdp")
-		if code != 1 || !strings.Contains(stderr, "not implemented yet") {
-			t.Errorf("attach --xdp: exit %d, %q", code, stderr)
+		// veth has native XDP; generic is forced with --xdp-mode and
+		// replaces the native attachment (one XDP program per interface).
+		code, out, stderr = lbctl(t, "--bpffs", root, "attach", "v0", "--xdp")
+		if code != 0 || !strings.Contains(out, "attached xdp_lb to v0 in native mode") {
+			t.Errorf("attach --xdp: exit %d, %q %q", code, out, stderr)
+		}
+		if l := cmdOut(t, "ip", "link", "show", "v0"); !strings.Contains(l, "xdp ") {
+			t.Errorf("no native XDP program on v0: %q", l)
+		}
+		code, out, stderr = lbctl(t, "--bpffs", root, "attach", "v0", "--xdp-mode", "generic")
+		if code != 0 || !strings.Contains(out, "attached xdp_lb to v0 in generic mode") {
+			t.Errorf("attach --xdp-mode generic: exit %d, %q %q", code, out, stderr)
+		}
+		if l := cmdOut(t, "ip", "link", "show", "v0"); !strings.Contains(l, "xdpgeneric") {
+			t.Errorf("no generic XDP program on v0: %q", l)
 		}
 		if code, out, _ := lbctl(t, "--bpffs", root, "detach", "v1"); code != 0 || !strings.Contains(out, "nothing attached to v1") {
 			t.Errorf("detach v1: exit %d, %q", code, out)
 		}
-		if code, out, _ := lbctl(t, "--bpffs", root, "detach", "v0"); code != 0 || !strings.Contains(out, "detached snat from v0 (tcx)") {
+		code, out, _ = lbctl(t, "--bpffs", root, "detach", "v0")
+		if code != 0 || !strings.Contains(out, "detached snat from v0 (tcx)") || !strings.Contains(out, "detached xdp_lb from v0 (xdp-generic)") {
 			t.Errorf("detach v0: exit %d, %q", code, out)
+		}
+		if l := cmdOut(t, "ip", "link", "show", "v0"); strings.Contains(l, "xdp") {
+			t.Errorf("XDP program left on v0 after detach: %q", l)
 		}
 	})
 }

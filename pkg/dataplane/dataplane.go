@@ -92,7 +92,8 @@ type Dataplane struct {
 	forceCls bool
 	lock     *os.File
 	snat     snatMaps
-	ruleIDs  *idAlloc // nil until first needed
+	ruleIDs  *idAlloc  // nil until first needed
+	xdpst    *xdpState // nil until XDP is first used (xdp.go)
 }
 
 // Open mounts a bpffs at opts.Root if none is there, takes the state lock
@@ -143,6 +144,7 @@ func Open(opts Options) (*Dataplane, error) {
 // Close releases the maps and the lock; pinned state stays.
 func (d *Dataplane) Close() error {
 	d.snat.Close()
+	d.closeXDP()
 	if d.lock != nil {
 		d.lock.Close() // releases the flock
 		d.lock = nil
@@ -335,6 +337,7 @@ func (d *Dataplane) Attachments() ([]Attachment, error) {
 				out = append(out, Attachment{Interface: e.Name(), Program: p.name, Method: MethodClsBPF})
 			}
 		}
+		out = append(out, d.xdpAttachments(e.Name())...)
 	}
 	return out, nil
 }
@@ -377,6 +380,11 @@ func (d *Dataplane) Detach(ifname string) ([]Attachment, error) {
 			done = append(done, Attachment{Interface: ifname, Program: p.name, Method: MethodClsBPF})
 		}
 	}
+	xdone, err := d.detachXDP(ifname)
+	done = append(done, xdone...)
+	if err != nil {
+		return done, err
+	}
 	if err := os.Remove(dir); err != nil {
 		return done, fmt.Errorf("remove %s: %w", dir, err)
 	}
@@ -397,6 +405,9 @@ func (d *Dataplane) removeIfUnused() error {
 		if err := m.Unpin(); err != nil {
 			return fmt.Errorf("unpin map: %w", err)
 		}
+	}
+	if err := d.unpinXDP(); err != nil {
+		return err
 	}
 	if err := os.Remove(filepath.Join(d.dir, "links")); err != nil {
 		return fmt.Errorf("remove state: %w", err)

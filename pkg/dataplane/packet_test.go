@@ -28,6 +28,7 @@ type pkt struct {
 	udpCsum0  bool   // send IPv4 UDP with checksum 0 ("none")
 	v4Options []byte // IPv4 options (padded to 4 bytes by the caller)
 	id        uint32 // IPv4 identification / IPv6 fragment id
+	tcpFlags  uint8  // TCP flags; 0 means PSH|ACK
 }
 
 func (p pkt) v6() bool { return p.src.Addr().Is6() }
@@ -57,6 +58,9 @@ func (p pkt) l4() []byte {
 		binary.BigEndian.PutUint32(seg[8:], 0x0a0b0c0d) // ack
 		seg[12] = 5 << 4
 		seg[13] = 0x18 // PSH|ACK
+		if p.tcpFlags != 0 {
+			seg[13] = p.tcpFlags
+		}
 		binary.BigEndian.PutUint16(seg[14:], 65535)
 		copy(seg[20:], p.payload)
 	default:

@@ -55,6 +55,9 @@ type Stats struct {
 	// SNAT holds the snat program's counters in enum order (seen first).
 	SNAT      []Counter   `json:"snat"`
 	SNATRules []RuleStats `json:"snat_rules"`
+	// XDP holds the xdp_lb program's counters in enum order (seen first);
+	// empty when XDP was never attached.
+	XDP []Counter `json:"xdp,omitempty"`
 }
 
 // Counter returns the named snat counter.
@@ -94,6 +97,9 @@ func (d *Dataplane) Stats() (Stats, error) {
 			rs.Bytes += v.Bytes
 		}
 		st.SNATRules = append(st.SNATRules, rs)
+	}
+	if st.XDP, err = d.xdpCounters(); err != nil {
+		return Stats{}, err
 	}
 	return st, nil
 }
