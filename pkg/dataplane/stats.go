@@ -103,3 +103,18 @@ func (d *Dataplane) Stats() (Stats, error) {
 	}
 	return st, nil
 }
+
+// ProgramCounters are one program's counters, for generic consumers
+// (lbctl stats --watch, metrics).
+type ProgramCounters struct {
+	Name     string    `json:"name"`
+	Counters []Counter `json:"counters"`
+}
+
+// Programs lists every program's counters; a program that lands adds its
+// line here.
+func (s Stats) Programs() []ProgramCounters {
+	return []ProgramCounters{
+		{Name: "snat", Counters: s.SNAT},
+	}
+}
