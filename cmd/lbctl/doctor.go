@@ -132,7 +132,7 @@ func (doctorBPF) Programs() []string { return dataplane.Programs() }
 
 // open returns nil, nil when there is no pinned state.
 func (b doctorBPF) open() (*dataplane.Dataplane, error) {
-	dp, err := openDataplane(b.e, false, true)
+	dp, err := openReader(b.e)
 	if errorsIsNoState(err) {
 		return nil, nil
 	}

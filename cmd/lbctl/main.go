@@ -36,6 +36,8 @@ func commands() []command {
 		snatCmd,
 		statsCmd,
 		doctorCmd,
+		metricsCmd,
+		statusCmd,
 	}
 }
 

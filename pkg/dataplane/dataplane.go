@@ -67,6 +67,10 @@ type Options struct {
 	// NoCreate makes Open fail with ErrNoState instead of creating state
 	// (for read-only commands such as snat list and stats).
 	NoCreate bool
+	// ReadOnly skips the state lock, so that readers (stats, status,
+	// metrics, doctor) never wait for a daemon holding it. With it, only
+	// reading methods may be called.
+	ReadOnly bool
 }
 
 // Method is how a program was attached.
@@ -120,13 +124,16 @@ func Open(opts Options) (*Dataplane, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "links"), 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", dir, privHint(err))
 	}
-	lock, err := os.Open(dir)
-	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", dir, err)
-	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
-		lock.Close()
-		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	var lock *os.File
+	if !opts.ReadOnly {
+		var err error
+		if lock, err = os.Open(dir); err != nil {
+			return nil, fmt.Errorf("open %s: %w", dir, err)
+		}
+		if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+			lock.Close()
+			return nil, fmt.Errorf("lock %s: %w", dir, err)
+		}
 	}
 	d := &Dataplane{log: opts.Log, dir: dir, cls: opts.ClsBPF, forceCls: opts.ForceClsBPF, lock: lock}
 	spec, err := d.snatSpec()

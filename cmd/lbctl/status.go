@@ -1,0 +1,75 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"text/tabwriter"
+
+	"github.com/lbctl/lbctl/pkg/dataplane"
+)
+
+var statusCmd = command{
+	name:    "status",
+	summary: "print attached programs (with kernel ids), rule counts and the daemon's services",
+	run:     runStatus,
+}
+
+// statusReport is lbctl status --json.
+type statusReport struct {
+	BPFFS       string                     `json:"bpffs"`
+	State       bool                       `json:"state"` // pinned state exists
+	Attachments []dataplane.AttachmentInfo `json:"attachments"`
+	SNATRules   int                        `json:"snat_rules"`
+	MaxRules    int                        `json:"snat_rules_max"`
+}
+
+func runStatus(ctx context.Context, e *env, args []string) error {
+	fs := newFlags("status", e.stderr)
+	asJSON := fs.Bool("json", false, "print JSON")
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usagef("unexpected argument %q (usage: lbctl status [--json])", pos[0])
+	}
+	rep := statusReport{BPFFS: e.bpffs, Attachments: []dataplane.AttachmentInfo{}, MaxRules: dataplane.MaxSNATRules}
+	dp, err := openReader(e)
+	switch {
+	case errorsIsNoState(err):
+	case err != nil:
+		return err
+	default:
+		defer dp.Close()
+		rep.State = true
+		if rep.Attachments, err = dp.AttachmentInfos(); err != nil {
+			return err
+		}
+		rules, err := dp.ListSNAT()
+		if err != nil {
+			return err
+		}
+		rep.SNATRules = len(rules)
+	}
+	if *asJSON {
+		return writeJSON(e.stdout, rep)
+	}
+	if !rep.State {
+		fmt.Fprintf(e.stdout, "no lbctl state under %s/lbctl: nothing attached (lbctl attach IFACE)\n", e.bpffs)
+		return nil
+	}
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "INTERFACE\tPROGRAM\tHOOK\tMETHOD\tPROG ID\tLINK ID")
+	for _, a := range rep.Attachments {
+		link := "-"
+		if a.LinkID != 0 {
+			link = fmt.Sprint(a.LinkID)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", a.Interface, a.Program, a.Hook, a.Method, a.ProgramID, link)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "\nsnat rules: %d of %d\nstate: %s/lbctl\n", rep.SNATRules, rep.MaxRules, e.bpffs)
+	return nil
+}
