@@ -1,0 +1,33 @@
+package main
+
+import (
+	"context"
+
+	"github.com/lbctl/lbctl/pkg/daemon"
+)
+
+var runCmd = command{
+	name:    "run",
+	summary: "run the services of a config in the foreground (run -c FILE); SIGHUP reloads, SIGTERM drains",
+	run:     runRun,
+}
+
+const runUsage = "usage: lbctl run -c FILE"
+
+// runRun runs the daemon until SIGTERM/SIGINT (ctx), then returns after the
+// drain: exit status 0.
+func runRun(ctx context.Context, e *env, args []string) error {
+	fs := newFlags("run", e.stderr)
+	file := fs.String("c", "", "config file (see docs/config.md)")
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usagef("unexpected argument %q (%s)", pos[0], runUsage)
+	}
+	if *file == "" {
+		return usagef("-c FILE is required (%s)", runUsage)
+	}
+	return daemon.Run(ctx, daemon.Options{ConfigPath: *file, BPFFS: e.bpffs, Log: e.log})
+}

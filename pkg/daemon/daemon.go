@@ -1,0 +1,292 @@
+// Package daemon is `lbctl run`: it turns a config into running services
+// (front ends, data plane, health) and keeps them running: SIGHUP reloads
+// the config, cancelling the context (SIGTERM) drains and stops.
+//
+// Each service runs in a runner chosen by its mode in newRunner, one file
+// per mode (proxy.go, transparent.go, dsr.go, xdp.go). Host-wide set-up a
+// mode needs is done by that mode's file through Daemon.AtExit, and undone
+// exactly at exit.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/lbctl/lbctl/pkg/config"
+	"github.com/lbctl/lbctl/pkg/proxy"
+)
+
+// Options configure a Daemon.
+type Options struct {
+	ConfigPath string      // the YAML file (lbctl run -c)
+	BPFFS      string      // bpffs root for pinned state (modes that use BPF)
+	Log        *zap.Logger // nil: no logs
+}
+
+// runner runs one service in one mode.
+type runner interface {
+	// Start opens the service's listeners and starts serving.
+	Start(ctx context.Context) error
+	// Update applies a reloaded config of the same service (same name,
+	// protocol, listen and mode) to new connections.
+	Update(config.Service) error
+	// Stop stops accepting and drains until ctx is done.
+	Stop(ctx context.Context) error
+	// Status is the service's live state.
+	Status() ServiceStatus
+}
+
+// newRunner is THE switch from a service's mode to the runner that runs it.
+func newRunner(d *Daemon, svc config.Service) (runner, error) {
+	switch svc.Mode {
+	case config.ModeProxy:
+		return newProxyRunner(d, svc)
+	}
+	return nil, fmt.Errorf("service %s: mode %s cannot run yet (use mode proxy)", svc.Name, svc.Mode)
+}
+
+// Daemon runs the services of a config.
+type Daemon struct {
+	opts Options
+	log  *zap.Logger
+
+	mu       sync.Mutex
+	cfg      *config.Config
+	services map[string]*service
+	started  time.Time
+	reloads  int
+	draining sync.WaitGroup // services removed or replaced by a reload
+
+	exitMu sync.Mutex
+	atExit []func() error
+}
+
+type service struct {
+	cfg config.Service
+	run runner
+}
+
+// New loads the config; nothing runs before Start.
+func New(opts Options) (*Daemon, error) {
+	if opts.Log == nil {
+		opts.Log = zap.NewNop()
+	}
+	cfg, err := config.Load(opts.ConfigPath)
+	if err != nil {
+		return nil, fmt.Errorf("load config: %w", err)
+	}
+	return &Daemon{opts: opts, log: opts.Log, cfg: cfg, services: map[string]*service{}}, nil
+}
+
+// Log is the daemon's logger (for runners).
+func (d *Daemon) Log() *zap.Logger { return d.log }
+
+// BPFFS is the bpffs root (for runners).
+func (d *Daemon) BPFFS() string { return d.opts.BPFFS }
+
+// Config is the config currently running.
+func (d *Daemon) Config() *config.Config {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.cfg
+}
+
+// AtExit registers fn to undo host-wide set-up when the daemon exits; the
+// functions run in reverse order, after every service has stopped.
+func (d *Daemon) AtExit(fn func() error) {
+	d.exitMu.Lock()
+	defer d.exitMu.Unlock()
+	d.atExit = append(d.atExit, fn)
+}
+
+// Run loads the config, starts every service and serves until ctx is
+// cancelled (SIGTERM), then drains for up to drain_timeout. SIGHUP reloads.
+func Run(ctx context.Context, opts Options) error {
+	d, err := New(opts)
+	if err != nil {
+		return err
+	}
+	if err := d.Start(ctx); err != nil {
+		return err
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-hup:
+			if err := d.Reload(ctx); err != nil {
+				d.log.Error("reload failed, the running config keeps serving", zap.Error(err))
+			}
+		case <-ctx.Done():
+			return d.Shutdown()
+		}
+	}
+}
+
+// Start starts every service of the loaded config. If one fails, those
+// already started are stopped and the error returned.
+func (d *Daemon) Start(ctx context.Context) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.started = time.Now()
+	for _, svc := range d.cfg.Services {
+		if err := d.startLocked(ctx, svc); err != nil {
+			d.mu.Unlock()
+			d.Shutdown()
+			d.mu.Lock()
+			return err
+		}
+	}
+	d.log.Info("running", zap.String("config", d.cfg.File), zap.Int("services", len(d.cfg.Services)))
+	return nil
+}
+
+func (d *Daemon) startLocked(ctx context.Context, svc config.Service) error {
+	r, err := newRunner(d, svc)
+	if err != nil {
+		return err
+	}
+	if err := r.Start(ctx); err != nil {
+		return fmt.Errorf("start service %s: %w", svc.Name, err)
+	}
+	d.services[svc.Name] = &service{cfg: svc, run: r}
+	return nil
+}
+
+// Reload reads the config file again. An invalid file changes nothing.
+// Services new in the file start; removed ones drain (for up to the new
+// drain_timeout) while the rest go on; a service whose protocol, listen
+// address or mode changed is replaced (the old one drains); any other
+// change (upstreams, weights, timeouts, balance) applies to new connections.
+func (d *Daemon) Reload(ctx context.Context) error {
+	cfg, err := config.Load(d.opts.ConfigPath)
+	if err != nil {
+		return fmt.Errorf("reload %s: %w", d.opts.ConfigPath, err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	keep := map[string]bool{}
+	var errs []error
+	for _, svc := range cfg.Services {
+		keep[svc.Name] = true
+		old, ok := d.services[svc.Name]
+		switch {
+		case ok && sameSocket(old.cfg, svc):
+			if err := old.run.Update(svc); err != nil {
+				errs = append(errs, fmt.Errorf("update service %s: %w", svc.Name, err))
+				continue
+			}
+			old.cfg = svc
+			d.log.Info("service updated", zap.String("service", svc.Name))
+		case ok:
+			d.drainLocked(old, cfg.DrainTimeout)
+			fallthrough
+		default:
+			if err := d.startLocked(ctx, svc); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			d.log.Info("service started", zap.String("service", svc.Name))
+		}
+	}
+	for name, s := range d.services {
+		if !keep[name] {
+			d.drainLocked(s, cfg.DrainTimeout)
+		}
+	}
+	d.cfg = cfg
+	d.reloads++
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	d.log.Info("reloaded", zap.String("config", cfg.File), zap.Int("services", len(cfg.Services)))
+	return nil
+}
+
+func sameSocket(a, b config.Service) bool {
+	return a.Protocol == b.Protocol && a.Listen == b.Listen && a.Mode == b.Mode
+}
+
+// drainLocked takes s out of the service table and stops it in the
+// background, draining for up to timeout.
+func (d *Daemon) drainLocked(s *service, timeout time.Duration) {
+	delete(d.services, s.cfg.Name)
+	d.draining.Add(1)
+	go func() {
+		defer d.draining.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		if err := s.run.Stop(ctx); err != nil {
+			d.log.Warn("stop service", zap.String("service", s.cfg.Name), zap.Error(err))
+		}
+		d.log.Info("service stopped", zap.String("service", s.cfg.Name))
+	}()
+}
+
+// Shutdown stops accepting on every service, drains open connections for
+// up to drain_timeout, then undoes the host-wide set-up.
+func (d *Daemon) Shutdown() error {
+	d.mu.Lock()
+	timeout := d.cfg.DrainTimeout
+	d.log.Info("draining", zap.Duration("drain_timeout", timeout))
+	for _, s := range d.services {
+		d.drainLocked(s, timeout)
+	}
+	d.mu.Unlock()
+	d.draining.Wait()
+
+	d.exitMu.Lock()
+	fns := slices.Clone(d.atExit)
+	d.atExit = nil
+	d.exitMu.Unlock()
+	var errs []error
+	for _, fn := range slices.Backward(fns) {
+		if err := fn(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	d.log.Info("stopped")
+	return errors.Join(errs...)
+}
+
+// Status is a snapshot of the daemon's live state (lbctl status, metrics).
+type Status struct {
+	Config   string          `json:"config"`
+	Started  time.Time       `json:"started"`
+	Reloads  int             `json:"reloads"`
+	Services []ServiceStatus `json:"services"`
+}
+
+// ServiceStatus is one running service.
+type ServiceStatus struct {
+	Name      string                 `json:"name"`
+	Protocol  string                 `json:"protocol"`
+	Listen    string                 `json:"listen"`
+	Mode      string                 `json:"mode"`
+	Balance   string                 `json:"balance"`
+	Stats     proxy.Stats            `json:"stats"`
+	Upstreams []proxy.UpstreamStatus `json:"upstreams"`
+}
+
+// Status returns a snapshot of the running services, in config order.
+func (d *Daemon) Status() Status {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st := Status{Config: d.cfg.File, Started: d.started, Reloads: d.reloads}
+	for _, svc := range d.cfg.Services {
+		if s, ok := d.services[svc.Name]; ok {
+			st.Services = append(st.Services, s.run.Status())
+		}
+	}
+	return st
+}
