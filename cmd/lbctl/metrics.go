@@ -44,6 +44,13 @@ func runMetrics(ctx context.Context, e *env, args []string) error {
 		}
 		defer dp.Close()
 		return dp.Stats()
+	}, XDP: func() ([]dataplane.XDPServiceState, error) {
+		dp, err := openReader(e)
+		if err != nil {
+			return nil, err
+		}
+		defer dp.Close()
+		return dp.XDPServices()
 	}}, e.log)
 	fmt.Fprintf(e.stdout, "serving http://%s/metrics\n", ln.Addr())
 	return m.Serve(ctx, ln)

@@ -16,11 +16,12 @@ var statusCmd = command{
 
 // statusReport is lbctl status --json.
 type statusReport struct {
-	BPFFS       string                     `json:"bpffs"`
-	State       bool                       `json:"state"` // pinned state exists
-	Attachments []dataplane.AttachmentInfo `json:"attachments"`
-	SNATRules   int                        `json:"snat_rules"`
-	MaxRules    int                        `json:"snat_rules_max"`
+	BPFFS       string                      `json:"bpffs"`
+	State       bool                        `json:"state"` // pinned state exists
+	Attachments []dataplane.AttachmentInfo  `json:"attachments"`
+	SNATRules   int                         `json:"snat_rules"`
+	MaxRules    int                         `json:"snat_rules_max"`
+	XDP         []dataplane.XDPServiceState `json:"xdp_services"`
 }
 
 func runStatus(ctx context.Context, e *env, args []string) error {
@@ -50,6 +51,12 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 		rep.SNATRules = len(rules)
+		if rep.XDP, err = dp.XDPServices(); err != nil {
+			return err
+		}
+	}
+	if rep.XDP == nil {
+		rep.XDP = []dataplane.XDPServiceState{}
 	}
 	if *asJSON {
 		return writeJSON(e.stdout, rep)
@@ -70,6 +77,28 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	fmt.Fprintf(e.stdout, "\nsnat rules: %d of %d\nstate: %s/lbctl\n", rep.SNATRules, rep.MaxRules, e.bpffs)
+	fmt.Fprintf(e.stdout, "\nsnat rules: %d of %d\n", rep.SNATRules, rep.MaxRules)
+	if len(rep.XDP) > 0 {
+		fmt.Fprintln(e.stdout)
+		tw = tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "XDP SERVICE\tPROTO\tBACKEND\tSHARE\tPACKETS\tBYTES")
+		for _, s := range rep.XDP {
+			total := 0
+			for _, b := range s.Backends {
+				total += b.Slots
+			}
+			for _, b := range s.Backends {
+				share := 0.0
+				if total > 0 {
+					share = 100 * float64(b.Slots) / float64(total)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%.1f%%\t%d\t%d\n", s.VIP, s.Proto, b.Addr, share, b.Packets, b.Bytes)
+			}
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(e.stdout, "state: %s/lbctl\n", e.bpffs)
 	return nil
 }

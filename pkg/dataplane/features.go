@@ -91,5 +91,5 @@ func Programs() []string {
 	for _, p := range tcProgs {
 		out = append(out, p.name)
 	}
-	return out
+	return append(out, "xdp_lb")
 }

@@ -114,7 +114,11 @@ type ProgramCounters struct {
 // Programs lists every program's counters; a program that lands adds its
 // line here.
 func (s Stats) Programs() []ProgramCounters {
-	return []ProgramCounters{
+	out := []ProgramCounters{
 		{Name: "snat", Counters: s.SNAT},
 	}
+	if len(s.XDP) > 0 {
+		out = append(out, ProgramCounters{Name: "xdp_lb", Counters: s.XDP})
+	}
+	return out
 }

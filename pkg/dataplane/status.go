@@ -3,6 +3,7 @@ package dataplane
 import (
 	"fmt"
 	"path/filepath"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -30,7 +31,11 @@ func (d *Dataplane) AttachmentInfos() ([]AttachmentInfo, error) {
 		ai := AttachmentInfo{Attachment: a, Hook: hookOf(a.Program)}
 		pin := filepath.Join(d.linkDir(a.Interface), a.Program)
 		var progID ebpf.ProgramID
-		if a.Method == MethodTCX {
+		if mode, ok := strings.CutPrefix(string(a.Method), "xdp-"); ok {
+			pin = filepath.Join(d.linkDir(a.Interface), XDPMode(mode).pinName())
+			ai.Hook = "xdp " + mode
+		}
+		if a.Method == MethodTCX || strings.HasPrefix(string(a.Method), "xdp-") {
 			l, err := link.LoadPinnedLink(pin, nil)
 			if err != nil {
 				return nil, fmt.Errorf("load pinned link %s: %w", pin, privHint(err))

@@ -64,6 +64,9 @@ type Sources struct {
 	BPF func() (dataplane.Stats, error)
 	// Frontend returns the daemon's counters.
 	Frontend func() Frontend
+	// XDP returns the xdp_lb services with their backends' counters and
+	// table shares (dataplane.(*Dataplane).XDPServices).
+	XDP func() ([]dataplane.XDPServiceState, error)
 }
 
 // Metrics is lbctl's registry.
@@ -157,6 +160,12 @@ var (
 		"Bytes proxied by a service: in = client to upstream, out = upstream to client.", []string{"service", "direction"}, nil)
 	descDatagrams = prometheus.NewDesc("lbctl_datagrams_total",
 		"UDP datagrams forwarded to upstreams by a service.", []string{"service"}, nil)
+	descXDPPkts = prometheus.NewDesc("lbctl_xdp_backend_packets_total",
+		"Packets the xdp_lb program sent to a backend of a service.", []string{"service", "proto", "backend"}, nil)
+	descXDPBytes = prometheus.NewDesc("lbctl_xdp_backend_bytes_total",
+		"Bytes the xdp_lb program sent to a backend of a service.", []string{"service", "proto", "backend"}, nil)
+	descXDPShare = prometheus.NewDesc("lbctl_xdp_backend_share",
+		"Share (0-1) of a service's Maglev table slots a backend holds: its share of new flows.", []string{"service", "proto", "backend"}, nil)
 	descUp = prometheus.NewDesc("lbctl_upstream_up",
 		"1 if the upstream is up (eligible), 0 if down.", []string{"service", "upstream"}, nil)
 	descWeight = prometheus.NewDesc("lbctl_upstream_weight",
@@ -175,7 +184,7 @@ type collector struct {
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descBPF, descBPFUp, descRulePkts, descRuleBytes, descConns, descSessions,
-		descActive, descBytes, descDatagrams, descUp, descWeight, descFailures, descSelected} {
+		descActive, descBytes, descDatagrams, descXDPPkts, descXDPBytes, descXDPShare, descUp, descWeight, descFailures, descSelected} {
 		ch <- d
 	}
 }
@@ -184,8 +193,35 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if c.src.BPF != nil {
 		c.collectBPF(ch)
 	}
+	if c.src.XDP != nil {
+		c.collectXDP(ch)
+	}
 	if c.src.Frontend != nil {
 		collectFrontend(ch, c.src.Frontend())
+	}
+}
+
+func (c *collector) collectXDP(ch chan<- prometheus.Metric) {
+	svcs, err := c.src.XDP()
+	if err != nil {
+		c.log.Debug("metrics: read xdp services", zap.Error(err))
+		return
+	}
+	for _, s := range svcs {
+		total := 0
+		for _, b := range s.Backends {
+			total += b.Slots
+		}
+		for _, b := range s.Backends {
+			labels := []string{s.VIP.String(), s.Proto.String(), b.Addr.String()}
+			ch <- prometheus.MustNewConstMetric(descXDPPkts, prometheus.CounterValue, float64(b.Packets), labels...)
+			ch <- prometheus.MustNewConstMetric(descXDPBytes, prometheus.CounterValue, float64(b.Bytes), labels...)
+			share := 0.0
+			if total > 0 {
+				share = float64(b.Slots) / float64(total)
+			}
+			ch <- prometheus.MustNewConstMetric(descXDPShare, prometheus.GaugeValue, share, labels...)
+		}
 	}
 }
 
