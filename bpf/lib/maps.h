@@ -173,4 +173,39 @@ enum xdp_counter {
 	XDP_C_COUNTER_MAX,
 };
 
+/* Upstreams whose return traffic the steer program marks for local
+ * delivery (entries of steer_upstreams). */
+#ifndef MAX_STEER_UPSTREAMS
+#define MAX_STEER_UPSTREAMS 4096
+#endif
+
+/* Key of steer_upstreams: one upstream address:port of one protocol, as
+ * the source of the packets it sends back. IPv4 addresses fill addr[0..3]. */
+struct steer_key {
+	__u8 family;	/* SNAT_FAMILY_V4 or SNAT_FAMILY_V6 */
+	__u8 proto;	/* IPPROTO_UDP or IPPROTO_TCP */
+	__be16 port;	/* the upstream's port */
+	__u8 addr[16];	/* the upstream's address */
+};
+
+/* Value of steer_upstreams: packets from that upstream that were marked
+ * (atomic adds: shared by every CPU). A doctor reads it to tell "the
+ * upstream never answered through the LB" from "it answered". */
+struct steer_value {
+	__u64 packets;
+};
+
+/* Indices of steer_counters (per CPU). Stable: never renumber, only append.
+ * seen = steered + not_matched + not_parsed; no_socket counts steered
+ * packets for which the socket check found no socket (only when enabled). */
+enum steer_counter {
+	STEER_SEEN = 0,		/* packets the program ran on */
+	STEER_STEERED = 1,	/* from a configured upstream: marked for local delivery */
+	STEER_NOT_MATCHED = 2,	/* IPv4/IPv6 UDP/TCP from no configured upstream: untouched */
+	STEER_NOT_PARSED = 3,	/* not IP, not UDP/TCP, truncated, unfollowed header: untouched */
+	STEER_NO_SOCKET = 4,	/* steered, but no local socket has that 4-tuple (socket check on) */
+	STEER_FRAGMENTS = 5,	/* later fragments steered through their first fragment (in steered) */
+	STEER_COUNTER_MAX,
+};
+
 #endif /* LBCTL_MAPS_H */

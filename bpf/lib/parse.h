@@ -58,6 +58,7 @@ struct pkt {
 	__u16 l4_off;		/* UDP/TCP header; meaningless for FRAG_LATER */
 	__be32 frag_id;		/* identification, when frag != FRAG_NONE */
 	__be16 sport;		/* 0 for FRAG_LATER */
+	__be16 dport;		/* 0 for FRAG_LATER */
 	__be16 l4_check;	/* L4 checksum field as found; 0 for FRAG_LATER */
 	__u8 saddr[16];		/* IPv4: first 4 bytes */
 	__u8 daddr[16];
@@ -77,6 +78,7 @@ static __always_inline int parse_l4(struct pkt *p, void *l4, void *data_end)
 		if ((void *)(udp + 1) > data_end)
 			return PARSE_SHORT;
 		p->sport = udp->source;
+		p->dport = udp->dest;
 		p->l4_check = udp->check;
 		return 0;
 	}
@@ -86,6 +88,7 @@ static __always_inline int parse_l4(struct pkt *p, void *l4, void *data_end)
 	if ((void *)(tcp + 1) > data_end)
 		return PARSE_SHORT;
 	p->sport = tcp->source;
+	p->dport = tcp->dest;
 	p->l4_check = tcp->check;
 	return 0;
 }
@@ -100,6 +103,7 @@ static __always_inline int parse_l4_load(struct __sk_buff *skb, struct pkt *p)
 		if (bpf_skb_load_bytes(skb, p->l4_off, &udp, sizeof(udp)))
 			return PARSE_OTHER; /* truncated: pulling would not help */
 		p->sport = udp.source;
+		p->dport = udp.dest;
 		p->l4_check = udp.check;
 		return 0;
 	}
@@ -108,6 +112,7 @@ static __always_inline int parse_l4_load(struct __sk_buff *skb, struct pkt *p)
 	if (bpf_skb_load_bytes(skb, p->l4_off, &tcp, sizeof(tcp)))
 		return PARSE_OTHER;
 	p->sport = tcp.source;
+	p->dport = tcp.dest;
 	p->l4_check = tcp.check;
 	return 0;
 }

@@ -153,6 +153,9 @@ func printStats(w io.Writer, st dataplane.Stats, prev *dataplane.Stats, elapsed 
 			}
 		}
 	}
+	for _, c := range st.Steer {
+		fmt.Fprintf(tw, "steer\t%s\t%d\n", c.Name, c.Value)
+	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}

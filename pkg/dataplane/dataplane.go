@@ -96,6 +96,7 @@ type Dataplane struct {
 	forceCls bool
 	lock     *os.File
 	snat     snatMaps
+	steer    steerMaps
 	ruleIDs  *idAlloc  // nil until first needed
 	xdpst    *xdpState // nil until XDP is first used (xdp.go)
 }
@@ -145,6 +146,15 @@ func Open(opts Options) (*Dataplane, error) {
 		d.Close()
 		return nil, loadErr("load snat maps", d.dir, err)
 	}
+	steer, err := d.steerSpec()
+	if err != nil {
+		d.Close()
+		return nil, err
+	}
+	if err := steer.LoadAndAssign(&d.steer, d.collectionOptions()); err != nil {
+		d.Close()
+		return nil, loadErr("load steer maps", d.dir, err)
+	}
 	return d, nil
 }
 
@@ -152,6 +162,7 @@ func Open(opts Options) (*Dataplane, error) {
 func (d *Dataplane) Close() error {
 	d.snat.Close()
 	d.closeXDP()
+	d.steer.Close()
 	if d.lock != nil {
 		d.lock.Close() // releases the flock
 		d.lock = nil
@@ -326,7 +337,7 @@ func (d *Dataplane) detachCls(ifname string, p tcProg, pin string) error {
 }
 
 // tcProgs lists every TC program lbctl may attach; Detach walks it.
-var tcProgs = []tcProg{snatProg}
+var tcProgs = []tcProg{snatProg, steerProg}
 
 // Attachments lists what lbctl attached, on every interface.
 func (d *Dataplane) Attachments() ([]Attachment, error) {
@@ -354,6 +365,12 @@ func (d *Dataplane) Attachments() ([]Attachment, error) {
 // the pinned maps are removed too: rules and counters go with the last
 // attachment, and later calls on d fail.
 func (d *Dataplane) Detach(ifname string) ([]Attachment, error) {
+	return d.detachProgs(ifname, tcProgs, true)
+}
+
+// detachProgs removes the programs progs from ifname, then the interface's
+// link directory if nothing is left in it, then the maps if no interface is.
+func (d *Dataplane) detachProgs(ifname string, progs []tcProg, withXDP bool) ([]Attachment, error) {
 	dir := d.linkDir(ifname)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		if _, err := lookupInterface(ifname); err != nil {
@@ -362,7 +379,7 @@ func (d *Dataplane) Detach(ifname string) ([]Attachment, error) {
 		return nil, nil
 	}
 	var done []Attachment
-	for _, p := range tcProgs {
+	for _, p := range progs {
 		pin := filepath.Join(dir, p.name)
 		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 			derr := l.Detach()
@@ -387,10 +404,15 @@ func (d *Dataplane) Detach(ifname string) ([]Attachment, error) {
 			done = append(done, Attachment{Interface: ifname, Program: p.name, Method: MethodClsBPF})
 		}
 	}
-	xdone, err := d.detachXDP(ifname)
-	done = append(done, xdone...)
-	if err != nil {
-		return done, err
+	if withXDP {
+		xdone, err := d.detachXDP(ifname)
+		done = append(done, xdone...)
+		if err != nil {
+			return done, err
+		}
+	}
+	if ents, err := os.ReadDir(dir); err == nil && len(ents) > 0 {
+		return done, nil // another program stays attached to ifname
 	}
 	if err := os.Remove(dir); err != nil {
 		return done, fmt.Errorf("remove %s: %w", dir, err)
@@ -428,5 +450,6 @@ func (d *Dataplane) removeIfUnused() error {
 
 // maps lists every pinned map of every program.
 func (d *Dataplane) maps() []*ebpf.Map {
-	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags}
+	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
+		d.steer.SteerUpstreams, d.steer.SteerCounters, d.steer.SteerFrags}
 }

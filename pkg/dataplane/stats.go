@@ -58,6 +58,18 @@ type Stats struct {
 	// XDP holds the xdp_lb program's counters in enum order (seen first);
 	// empty when XDP was never attached.
 	XDP []Counter `json:"xdp,omitempty"`
+	// Steer holds the steer program's counters in enum order (seen first).
+	Steer []Counter `json:"steer"`
+	// SteerUpstreams are the steered upstreams with their packet counts.
+	SteerUpstreams []SteerUpstream `json:"steer_upstreams"`
+}
+
+// SteerCounter returns the named steer counter.
+func (s Stats) SteerCounter(c SteerCounter) uint64 {
+	if int(c) < len(s.Steer) {
+		return s.Steer[c].Value
+	}
+	return 0
 }
 
 // Counter returns the named snat counter.
@@ -99,6 +111,15 @@ func (d *Dataplane) Stats() (Stats, error) {
 		st.SNATRules = append(st.SNATRules, rs)
 	}
 	if st.XDP, err = d.xdpCounters(); err != nil {
+		return Stats{}, err
+	}
+	if d.steer.SteerCounters == nil { // a snat-only handle (tests)
+		return st, nil
+	}
+	if st.Steer, err = d.SteerCounters(); err != nil {
+		return Stats{}, err
+	}
+	if st.SteerUpstreams, err = d.SteerUpstreams(); err != nil {
 		return Stats{}, err
 	}
 	return st, nil
