@@ -93,6 +93,9 @@ func TestDoctor(t *testing.T) {
 		if code, out, stderr := lbctl(t, "--bpffs", lb.BPFFS, "attach", "eth0"); code != 0 {
 			t.Errorf("attach on the LB: exit %d %s %s", code, out, stderr)
 		}
+		if code, out, stderr := lbctl(t, "--bpffs", lb.BPFFS, "attach", "eth1", "--steer", "--upstream", "tcp:198.19.16.11:80"); code != 0 {
+			t.Errorf("attach --steer on the LB: exit %d %s %s", code, out, stderr)
+		}
 		return nil
 	}); err != nil {
 		t.Fatal(err)
