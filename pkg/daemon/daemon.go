@@ -50,6 +50,8 @@ func newRunner(d *Daemon, svc config.Service) (runner, error) {
 	switch svc.Mode {
 	case config.ModeProxy:
 		return newProxyRunner(d, svc)
+	case config.ModeDSR:
+		return newDSRRunner(d, svc)
 	}
 	return nil, fmt.Errorf("service %s: mode %s cannot run yet (use mode proxy)", svc.Name, svc.Mode)
 }
@@ -68,6 +70,9 @@ type Daemon struct {
 
 	exitMu sync.Mutex
 	atExit []func() error
+
+	natOnce sync.Once
+	nat     *routerNAT // router NAT set-up shared by the dsr services (dsr.go)
 }
 
 type service struct {

@@ -81,25 +81,12 @@ func NewUDP(svc Service, pool *Pool, d Dialer, log *zap.Logger) *UDP {
 // Start implements Frontend.
 func (u *UDP) Start() error {
 	svc := u.state.Load().svc
-	lc := listenConfig(u.dialer, true)
-	addr := svc.Listen
-	for range listeners() {
-		pc, err := lc.ListenPacket(context.Background(), network("udp", addr), addr.String())
-		if err != nil {
-			u.closeSocks()
-			return fmt.Errorf("listen udp %s: %w (is another process listening there, or is the address not on this host?)", svc.Listen, err)
-		}
-		c := pc.(*net.UDPConn)
-		s := &udpSock{u: u, conn: c, sessions: map[netip.AddrPort]*session{}}
-		if addr.Addr().Is4() {
-			s.batch = ipv4.NewPacketConn(c)
-		} else {
-			s.batch = ipv6.NewPacketConn(c)
-		}
-		u.socks = append(u.socks, s)
-		if addr.Port() == 0 { // tests: the others join the port the kernel chose
-			addr = c.LocalAddr().(*net.UDPAddr).AddrPort()
-		}
+	conns, err := listenUDP(u.dialer, svc.Listen)
+	if err != nil {
+		return err
+	}
+	for _, c := range conns {
+		u.socks = append(u.socks, &udpSock{u: u, conn: c, batch: newBatchConn(c), sessions: map[netip.AddrPort]*session{}})
 	}
 	for _, s := range u.socks {
 		u.readers.Add(1)
@@ -488,4 +475,35 @@ func (ss *session) abort() {
 	if !ss.ended {
 		ss.conn.Close()
 	}
+}
+
+// listenUDP opens the UDP listening sockets of a service: one per core on
+// addr with SO_REUSEPORT (the kernel spreads clients over them), made
+// through d. Port 0 (tests): the others join the port the kernel chose.
+func listenUDP(d Dialer, addr netip.AddrPort) ([]*net.UDPConn, error) {
+	lc := listenConfig(d, true)
+	var conns []*net.UDPConn
+	for range listeners() {
+		pc, err := lc.ListenPacket(context.Background(), network("udp", addr), addr.String())
+		if err != nil {
+			for _, c := range conns {
+				c.Close()
+			}
+			return nil, fmt.Errorf("listen udp %s: %w (is another process listening there, or is the address not on this host?)", addr, err)
+		}
+		c := pc.(*net.UDPConn)
+		conns = append(conns, c)
+		if addr.Port() == 0 {
+			addr = c.LocalAddr().(*net.UDPAddr).AddrPort()
+		}
+	}
+	return conns, nil
+}
+
+// newBatchConn reads c in batches (recvmmsg).
+func newBatchConn(c *net.UDPConn) batchConn {
+	if c.LocalAddr().(*net.UDPAddr).IP.To4() != nil {
+		return ipv4.NewPacketConn(c)
+	}
+	return ipv6.NewPacketConn(c)
 }
