@@ -26,7 +26,10 @@ func proxyConfig(extra string, upstreamPorts ...int) string {
 		if fam == "6" {
 			vip, backend = topo.VIP6, topo.Backend6
 		}
-		for _, s := range []struct{ name, proto string; port int }{{"web", "tcp", 80}, {"dns", "udp", 53}} {
+		for _, s := range []struct {
+			name, proto string
+			port        int
+		}{{"web", "tcp", 80}, {"dns", "udp", 53}} {
 			fmt.Fprintf(&b, "  - name: %s%s\n    protocol: %s\n    listen: \"%s\"\n    mode: proxy\n",
 				s.name, fam, s.proto, netip.AddrPortFrom(vip, uint16(s.port)))
 			if s.proto == "udp" {
