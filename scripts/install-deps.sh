@@ -3,7 +3,7 @@
 # clang-19 for the BPF objects, bpftool, and the real peers the tests and
 # benchmarks use (nginx with the stream module, unbound, dig, dnsperf, wrk).
 set -euo pipefail
-pkgs=(clang-19 llvm-19 libbpf-dev bpftool iproute2 ethtool tcpdump iptables
+pkgs=(clang-19 llvm-19 libbpf-dev bpftool iproute2 ethtool tcpdump iptables nftables
       nginx libnginx-mod-stream unbound dnsutils dnsperf wrk iperf3 iputils-ping libcap2-bin make git)
 missing=()
 for p in "${pkgs[@]}"; do
