@@ -1,0 +1,213 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrNotUpstream: a transparent socket towards an address that is not a
+// configured upstream of the service. lbctl never sends from a client's
+// address anywhere else.
+var ErrNotUpstream = errors.New("not a configured upstream: refusing to send from the client's address")
+
+// TransparentDialer makes the upstream sockets of mode transparent
+// (nginx: proxy_bind $remote_addr transparent): IP_TRANSPARENT /
+// IPV6_TRANSPARENT sockets bound to the client's address before connect
+// (TCP) or send (UDP), so upstreams see the real client. The replies come
+// back addressed to the client; the steer program marks them and the
+// policy rule delivers them to these sockets (pkg/netconf, pkg/dataplane).
+//
+// The local port is the client's own port when that 4-tuple is free
+// (bind to the client's address:port with SO_REUSEADDR, then connect: the
+// kernel refuses a 4-tuple in use with EADDRNOTAVAIL); otherwise the
+// kernel picks one at connect time (IP_BIND_ADDRESS_NO_PORT), unique for
+// the 4-tuple. Two clients behind one address have distinct ports, so
+// their upstream sockets never collide.
+type TransparentDialer struct {
+	// Interface binds upstream sockets to a device (SO_BINDTODEVICE); "" =
+	// the routing table decides.
+	Interface string
+	// OnDialFailed, if set, is called after a TCP connect failed (the
+	// daemon's doctor-style watchdog: did the upstream's replies reach
+	// the LB at all?).
+	OnDialFailed func(client, upstream netip.AddrPort, err error)
+
+	upstreams atomic.Pointer[map[netip.AddrPort]bool]
+
+	// SamePort counts sockets that got the client's own port, OtherPort
+	// those that fell back to a kernel-chosen port.
+	SamePort, OtherPort atomic.Uint64
+}
+
+// NewTransparentDialer returns a dialer that sends only to upstreams.
+func NewTransparentDialer(upstreams []netip.AddrPort, iface string) *TransparentDialer {
+	d := &TransparentDialer{Interface: iface}
+	d.SetUpstreams(upstreams)
+	return d
+}
+
+// SetUpstreams replaces the addresses the dialer may send to (reload).
+func (d *TransparentDialer) SetUpstreams(ups []netip.AddrPort) {
+	m := make(map[netip.AddrPort]bool, len(ups))
+	for _, u := range ups {
+		m[unmapAP(u)] = true
+	}
+	d.upstreams.Store(&m)
+}
+
+func unmapAP(a netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(a.Addr().Unmap().WithZone(""), a.Port())
+}
+
+// ListenControl implements Dialer: nothing beyond the defaults.
+func (d *TransparentDialer) ListenControl(string, string, syscall.RawConn) error { return nil }
+
+func (d *TransparentDialer) check(client, upstream netip.AddrPort) (netip.AddrPort, netip.AddrPort, error) {
+	client, upstream = unmapAP(client), unmapAP(upstream)
+	if m := d.upstreams.Load(); m == nil || !(*m)[upstream] {
+		return client, upstream, fmt.Errorf("transparent socket to %s: %w", upstream, ErrNotUpstream)
+	}
+	if client.Addr().Is4() != upstream.Addr().Is4() {
+		return client, upstream, fmt.Errorf("transparent socket from %s to %s: the client and the upstream are of different IP families", client, upstream)
+	}
+	return client, upstream, nil
+}
+
+// control sets the socket options of a transparent upstream socket;
+// noPort asks the kernel to choose the port at connect time.
+func (d *TransparentDialer) control(v6, noPort bool) func(string, string, syscall.RawConn) error {
+	return func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			s := int(fd)
+			if v6 {
+				serr = unix.SetsockoptInt(s, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+			} else {
+				serr = unix.SetsockoptInt(s, unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+			}
+			if serr != nil {
+				serr = fmt.Errorf("set IP_TRANSPARENT: %w (needs CAP_NET_ADMIN: run lbctl as root)", serr)
+				return
+			}
+			if serr = unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); serr != nil {
+				serr = fmt.Errorf("set SO_REUSEADDR: %w", serr)
+				return
+			}
+			if noPort {
+				if serr = unix.SetsockoptInt(s, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1); serr != nil {
+					serr = fmt.Errorf("set IP_BIND_ADDRESS_NO_PORT: %w", serr)
+					return
+				}
+			}
+			if d.Interface != "" {
+				if serr = unix.BindToDevice(s, d.Interface); serr != nil {
+					serr = fmt.Errorf("bind upstream socket to %s: %w (check the service's interface key)", d.Interface, serr)
+				}
+			}
+		})
+		if err == nil {
+			err = serr
+		}
+		return err
+	}
+}
+
+// portTaken: the client's own port cannot be used for this 4-tuple.
+func portTaken(err error) bool {
+	return errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL)
+}
+
+// DialTCP implements Dialer: connects to upstream from the client's address.
+func (d *TransparentDialer) DialTCP(ctx context.Context, client, upstream netip.AddrPort) (*net.TCPConn, error) {
+	client, upstream, err := d.check(client, upstream)
+	if err != nil {
+		return nil, err
+	}
+	v6 := client.Addr().Is6()
+	nd := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(client), Control: d.control(v6, false)}
+	c, err := nd.DialContext(ctx, "tcp", upstream.String())
+	if err != nil && portTaken(err) && ctx.Err() == nil {
+		nd = net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(client.Addr(), 0)), Control: d.control(v6, true)}
+		if c, err = nd.DialContext(ctx, "tcp", upstream.String()); err == nil {
+			d.OtherPort.Add(1)
+		}
+	} else if err == nil {
+		d.SamePort.Add(1)
+	}
+	if err != nil {
+		if d.OnDialFailed != nil {
+			d.OnDialFailed(client, upstream, err)
+		}
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+// DialUDP implements Dialer: a socket bound to the client's address (and
+// port when free) and connected to upstream.
+func (d *TransparentDialer) DialUDP(client, upstream netip.AddrPort) (*net.UDPConn, error) {
+	client, upstream, err := d.check(client, upstream)
+	if err != nil {
+		return nil, err
+	}
+	v6 := client.Addr().Is6()
+	c, err := d.dialUDP(client, upstream, v6)
+	if err != nil && portTaken(err) {
+		if c, err = d.dialUDP(netip.AddrPortFrom(client.Addr(), 0), upstream, v6); err == nil {
+			d.OtherPort.Add(1)
+		}
+	} else if err == nil {
+		d.SamePort.Add(1)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// dialUDP binds without SO_REUSEADDR's sharing for UDP: two sockets with
+// one local address:port would split the replies between them, so a port
+// in use means "fall back", never "share".
+func (d *TransparentDialer) dialUDP(local, upstream netip.AddrPort, v6 bool) (*net.UDPConn, error) {
+	ctl := func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			s := int(fd)
+			if v6 {
+				serr = unix.SetsockoptInt(s, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+			} else {
+				serr = unix.SetsockoptInt(s, unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+			}
+			if serr != nil {
+				serr = fmt.Errorf("set IP_TRANSPARENT: %w (needs CAP_NET_ADMIN: run lbctl as root)", serr)
+				return
+			}
+			if d.Interface != "" {
+				if serr = unix.BindToDevice(s, d.Interface); serr != nil {
+					serr = fmt.Errorf("bind upstream socket to %s: %w (check the service's interface key)", d.Interface, serr)
+				}
+			}
+		})
+		if err == nil {
+			err = serr
+		}
+		return err
+	}
+	nd := net.Dialer{LocalAddr: net.UDPAddrFromAddrPort(local), Control: ctl}
+	c, err := nd.Dial("udp", upstream.String())
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.UDPConn), nil
+}
+
+// ReleaseUDP implements Dialer: a transparent socket belongs to one client
+// and is never reused.
+func (d *TransparentDialer) ReleaseUDP(c *net.UDPConn, _ netip.AddrPort, _ bool) { c.Close() }

@@ -1,0 +1,183 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lbctl/lbctl/test/topo"
+)
+
+func TestTransparentRefusals(t *testing.T) {
+	up := netip.MustParseAddrPort("198.19.16.11:80")
+	d := NewTransparentDialer([]netip.AddrPort{up}, "")
+	client := netip.MustParseAddrPort("198.18.99.1:40000")
+	ctx := context.Background()
+	for _, to := range []netip.AddrPort{
+		netip.MustParseAddrPort("198.19.16.12:80"), // another host
+		netip.MustParseAddrPort("198.19.16.11:81"), // another port
+		netip.MustParseAddrPort("198.18.98.10:80"),
+	} {
+		if _, err := d.DialTCP(ctx, client, to); !errors.Is(err, ErrNotUpstream) {
+			t.Errorf("DialTCP to %s: %v, want ErrNotUpstream", to, err)
+		}
+		if _, err := d.DialUDP(client, to); !errors.Is(err, ErrNotUpstream) {
+			t.Errorf("DialUDP to %s: %v, want ErrNotUpstream", to, err)
+		}
+	}
+	if _, err := d.DialTCP(ctx, netip.MustParseAddrPort("[2001:db8:99::1]:40000"), up); err == nil || !strings.Contains(err.Error(), "different IP families") {
+		t.Errorf("IPv6 client to IPv4 upstream: %v", err)
+	}
+	d.SetUpstreams(nil)
+	if _, err := d.DialUDP(client, up); !errors.Is(err, ErrNotUpstream) {
+		t.Errorf("after SetUpstreams(nil): %v, want ErrNotUpstream", err)
+	}
+}
+
+// serveEcho makes backend answer every TCP connection and UDP datagram on
+// port with the peer's address:port as it sees it.
+func serveEcho(t *testing.T, h *topo.Host, addr netip.Addr, port uint16) {
+	t.Helper()
+	ap := netip.AddrPortFrom(addr, port)
+	if err := h.Do(func() error {
+		ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(ap))
+		if err != nil {
+			return err
+		}
+		pc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(ap))
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		t.Cleanup(func() { ln.Close(); pc.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				fmt.Fprintf(c, "%s\n", c.RemoteAddr())
+				c.Close()
+			}
+		}()
+		go func() {
+			b := make([]byte, 64)
+			for {
+				_, from, err := pc.ReadFromUDPAddrPort(b)
+				if err != nil {
+					return
+				}
+				pc.WriteToUDPAddrPort([]byte(from.String()), from)
+			}
+		}()
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestTransparentDialer: in the seed's topology, with replies from the
+// backend LAN delivered locally on the LB by a source-based policy rule
+// (standing in for steer + fwmark, which pkg/daemon's tests use), the
+// upstream sees the client's address and port; a second socket for the
+// same 4-tuple falls back to another port; UDP too; IPv4 and IPv6.
+func TestTransparentDialer(t *testing.T) {
+	tp := topo.Start(t, topo.Options{Backends: 1})
+	lb, b1 := tp.LB, tp.Backends[0]
+	for _, args := range [][]string{
+		{"rule", "add", "from", "198.19.16.0/24", "iif", "eth1", "lookup", "100"},
+		{"route", "add", "local", "default", "dev", "lo", "table", "100"},
+		{"-6", "rule", "add", "from", "2001:db8:16::/64", "iif", "eth1", "lookup", "100"},
+		{"-6", "route", "add", "local", "default", "dev", "lo", "table", "100"},
+	} {
+		if _, err := lb.Run("ip", args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, fam := range []struct {
+		up, client netip.Addr
+	}{{topo.Backend4(1), topo.Client4}, {topo.Backend6(1), topo.Client6}} {
+		up := netip.AddrPortFrom(fam.up, 8080)
+		serveEcho(t, b1, fam.up, 8080)
+		d := NewTransparentDialer([]netip.AddrPort{up}, "")
+		client := netip.AddrPortFrom(fam.client, 40000)
+		other := netip.AddrPortFrom(fam.client, 40001)
+		err := lb.Do(func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			read := func(c net.Conn) string {
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				s, _ := bufio.NewReader(c).ReadString('\n')
+				return strings.TrimSpace(s)
+			}
+			c1, err := d.DialTCP(ctx, client, up)
+			if err != nil {
+				return fmt.Errorf("dial tcp: %w", err)
+			}
+			defer c1.Close()
+			if got := read(c1); got != client.String() {
+				t.Errorf("tcp: upstream saw %q, want %s", got, client)
+			}
+			// The same client address:port again while c1 holds the
+			// 4-tuple (TIME_WAIT or not): another port.
+			c2, err := d.DialTCP(ctx, client, up)
+			if err != nil {
+				return fmt.Errorf("second dial tcp: %w", err)
+			}
+			defer c2.Close()
+			got2 := read(c2)
+			gap, perr := netip.ParseAddrPort(got2)
+			if perr != nil || gap.Addr() != client.Addr() || gap.Port() == client.Port() {
+				t.Errorf("tcp, 4-tuple taken: upstream saw %q, want %s with another port", got2, client.Addr())
+			}
+			// Another client behind the same address: its own port.
+			c3, err := d.DialTCP(ctx, other, up)
+			if err != nil {
+				return fmt.Errorf("dial tcp from %s: %w", other, err)
+			}
+			defer c3.Close()
+			if got := read(c3); got != other.String() {
+				t.Errorf("tcp: upstream saw %q, want %s", got, other)
+			}
+			if d.SamePort.Load() != 2 || d.OtherPort.Load() != 1 {
+				t.Errorf("same port %d, other port %d; want 2, 1", d.SamePort.Load(), d.OtherPort.Load())
+			}
+
+			u, err := d.DialUDP(client, up)
+			if err != nil {
+				return fmt.Errorf("dial udp: %w", err)
+			}
+			defer d.ReleaseUDP(u, up, true)
+			u2, err := d.DialUDP(client, up)
+			if err != nil {
+				return fmt.Errorf("second dial udp: %w", err)
+			}
+			defer d.ReleaseUDP(u2, up, true)
+			for i, c := range []*net.UDPConn{u, u2} {
+				if _, err := c.Write([]byte("q")); err != nil {
+					return err
+				}
+				b := make([]byte, 64)
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				n, err := c.Read(b)
+				if err != nil {
+					return fmt.Errorf("udp %d: read: %w", i, err)
+				}
+				got, _ := netip.ParseAddrPort(string(b[:n]))
+				if got.Addr() != client.Addr() || (i == 0) != (got.Port() == client.Port()) {
+					t.Errorf("udp socket %d: upstream saw %s (client %s)", i, got, client)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Error(err)
+		}
+	}
+}
