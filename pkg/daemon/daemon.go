@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/lbctl/lbctl/pkg/config"
+	"github.com/lbctl/lbctl/pkg/health"
 	"github.com/lbctl/lbctl/pkg/proxy"
 )
 
@@ -73,6 +74,9 @@ type Daemon struct {
 
 	natOnce sync.Once
 	nat     *routerNAT // router NAT set-up shared by the dsr services (dsr.go)
+
+	checkOnce sync.Once
+	checks    *health.Checker // the health-check pool of every service (health.go)
 }
 
 type service struct {
@@ -281,6 +285,7 @@ type ServiceStatus struct {
 	Balance   string                 `json:"balance"`
 	Stats     proxy.Stats            `json:"stats"`
 	Upstreams []proxy.UpstreamStatus `json:"upstreams"`
+	Health    []health.Status        `json:"health,omitempty"` // per upstream: state, since, last check
 }
 
 // Status returns a snapshot of the running services, in config order.

@@ -20,7 +20,11 @@ func newDSRRunner(d *Daemon, svc config.Service) (runner, error) {
 		return nil, err
 	}
 	fe := proxy.NewDSR(ProxyService(svc), pool, d.Log())
-	return &dsrRunner{frontendRunner: frontendRunner{d: d, svc: svc, fe: fe}}, nil
+	r := &dsrRunner{frontendRunner: frontendRunner{d: d, svc: svc, fe: fe, health: upstreamHealth{d: d}}}
+	if err := r.health.attach(svc, pool); err != nil {
+		return nil, err
+	}
+	return r, nil
 }
 
 type dsrRunner struct {
@@ -44,8 +48,10 @@ func (r *dsrRunner) Start(ctx context.Context) error {
 		return err
 	}
 	if err := r.fe.Start(); err != nil {
+		r.health.stop()
 		return errors.Join(err, r.d.routerNAT().release(c))
 	}
+	r.health.start()
 	r.mu.Lock()
 	r.claim = c
 	r.mu.Unlock()
@@ -72,6 +78,7 @@ func (r *dsrRunner) Update(svc config.Service) error {
 
 func (r *dsrRunner) Stop(ctx context.Context) error {
 	err := r.fe.Stop(ctx)
+	r.health.stop()
 	r.mu.Lock()
 	c := r.claim
 	r.claim = nil

@@ -22,6 +22,7 @@ type frontendRunner struct {
 	svc    config.Service
 	dialer proxy.Dialer
 	fe     proxy.Frontend
+	health upstreamHealth // health.go
 }
 
 func newFrontendRunner(d *Daemon, svc config.Service, dialer proxy.Dialer) (*frontendRunner, error) {
@@ -29,7 +30,10 @@ func newFrontendRunner(d *Daemon, svc config.Service, dialer proxy.Dialer) (*fro
 	if err != nil {
 		return nil, err
 	}
-	r := &frontendRunner{d: d, svc: svc, dialer: dialer}
+	r := &frontendRunner{d: d, svc: svc, dialer: dialer, health: upstreamHealth{d: d}}
+	if err := r.health.attach(svc, pool); err != nil {
+		return nil, err
+	}
 	log := d.Log()
 	switch svc.Protocol {
 	case config.TCP:
@@ -73,11 +77,21 @@ func NewPool(svc config.Service) (*proxy.Pool, error) {
 	return p, nil
 }
 
-func (r *frontendRunner) Start(context.Context) error { return r.fe.Start() }
+func (r *frontendRunner) Start(context.Context) error {
+	if err := r.fe.Start(); err != nil {
+		r.health.stop()
+		return err
+	}
+	r.health.start()
+	return nil
+}
 
 func (r *frontendRunner) Update(svc config.Service) error {
 	pool, err := NewPool(svc)
 	if err != nil {
+		return err
+	}
+	if err := r.health.attach(svc, pool); err != nil {
 		return err
 	}
 	r.fe.Update(ProxyService(svc), pool)
@@ -87,6 +101,7 @@ func (r *frontendRunner) Update(svc config.Service) error {
 
 func (r *frontendRunner) Stop(ctx context.Context) error {
 	err := r.fe.Stop(ctx)
+	r.health.stop()
 	if c, ok := r.dialer.(interface{ Close() error }); ok {
 		c.Close()
 	}
@@ -97,6 +112,6 @@ func (r *frontendRunner) Status() ServiceStatus {
 	return ServiceStatus{
 		Name: r.svc.Name, Protocol: string(r.svc.Protocol), Listen: r.svc.Listen.String(),
 		Mode: string(r.svc.Mode), Balance: r.svc.Balance,
-		Stats: r.fe.Stats(), Upstreams: r.fe.Pool().Snapshot(),
+		Stats: r.fe.Stats(), Upstreams: r.fe.Pool().Snapshot(), Health: r.health.snapshot(),
 	}
 }

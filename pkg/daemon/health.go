@@ -1,0 +1,99 @@
+package daemon
+
+import (
+	"sync"
+
+	"github.com/lbctl/lbctl/pkg/config"
+	"github.com/lbctl/lbctl/pkg/health"
+	"github.com/lbctl/lbctl/pkg/proxy"
+)
+
+// checker is the daemon's one health-check pool, shared by every service
+// and closed at exit.
+func (d *Daemon) checker() *health.Checker {
+	d.checkOnce.Do(func() {
+		d.checks = health.NewChecker(health.CheckerOptions{Log: d.log.Named("health")})
+		d.AtExit(func() error { d.checks.Close(); return nil })
+	})
+	return d.checks
+}
+
+// upstreamHealth is the health part of a runner: the tracker of its
+// current upstream list. A reload makes a new tracker that keeps the state
+// of the upstreams that did not change; connections started on the old
+// pool report to the old tracker, which ignores them once closed.
+//
+// Runners that feed BPF tables (xdp) subscribe to Tracker() and rebuild
+// from each health.Change.
+type upstreamHealth struct {
+	d       *Daemon
+	mu      sync.Mutex
+	tr      *health.Tracker
+	started bool
+}
+
+// attach builds the tracker of svc, keeping the state of unchanged
+// upstreams of the previous one, and makes it pool's health source (pool
+// may be nil for runners without a Go pool). Once started, the new
+// tracker's checks run at once and the previous one's stop.
+func (h *upstreamHealth) attach(svc config.Service, pool *proxy.Pool) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	tr, err := health.NewTracker(svc, health.Options{Log: h.d.log.Named("health"), Previous: h.tr})
+	if err != nil {
+		return err
+	}
+	if pool != nil {
+		pool.SetHealth(tr.ForBalancer())
+	}
+	if h.started {
+		h.d.checker().Add(tr)
+	}
+	h.retireLocked()
+	h.tr = tr
+	return nil
+}
+
+// start runs the checks of the current tracker.
+func (h *upstreamHealth) start() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.started && h.tr != nil {
+		h.d.checker().Add(h.tr)
+	}
+	h.started = true
+}
+
+// stop ends the checks; the tracker reports nothing afterwards.
+func (h *upstreamHealth) stop() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.retireLocked()
+	h.tr = nil
+	h.started = false
+}
+
+func (h *upstreamHealth) retireLocked() {
+	if h.tr == nil {
+		return
+	}
+	if h.started {
+		h.d.checker().Remove(h.tr)
+	}
+	h.tr.Close()
+}
+
+// Tracker is the current tracker (nil before attach or after stop).
+func (h *upstreamHealth) Tracker() *health.Tracker {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.tr
+}
+
+// snapshot is the health of every upstream, for Status.
+func (h *upstreamHealth) snapshot() []health.Status {
+	if tr := h.Tracker(); tr != nil {
+		return tr.Snapshot()
+	}
+	return nil
+}
