@@ -151,15 +151,23 @@ func (p *process) waitOutput(t *testing.T, s string, n int) {
 // DNS on :53 and a UDP echo on :7, IPv4 and IPv6, named dev1..devN.
 func (h *harness) startBackends(t *testing.T) {
 	t.Helper()
-	bin := binary(t, "backend")
-	for i, b := range h.Backends {
-		v4, v6 := topo.Backend4(i+1), topo.Backend6(i+1)
-		p := start(t, b, bin, "--name", fmt.Sprintf("dev%d", i+1), "--readers", "1",
-			"--http", netip.AddrPortFrom(v4, 80).String(), "--http", netip.AddrPortFrom(v6, 80).String(),
-			"--dns", netip.AddrPortFrom(v4, 53).String(), "--dns", netip.AddrPortFrom(v6, 53).String(),
-			"--udp-echo", netip.AddrPortFrom(v4, 7).String(), "--udp-echo", netip.AddrPortFrom(v6, 7).String())
-		p.waitOutput(t, "serving", 1)
+	for i := range h.Backends {
+		h.startBackend(t, i+1)
 	}
+}
+
+// startBackend runs test/backend on backend host i (from 1), as
+// startBackends does, and returns once it serves; kill it with
+// p.signal(syscall.SIGKILL) and start it again to test failover.
+func (h *harness) startBackend(t *testing.T, i int) *process {
+	t.Helper()
+	v4, v6 := topo.Backend4(i), topo.Backend6(i)
+	p := start(t, h.Backends[i-1], binary(t, "backend"), "--name", fmt.Sprintf("dev%d", i), "--readers", "1",
+		"--http", netip.AddrPortFrom(v4, 80).String(), "--http", netip.AddrPortFrom(v6, 80).String(),
+		"--dns", netip.AddrPortFrom(v4, 53).String(), "--dns", netip.AddrPortFrom(v6, 53).String(),
+		"--udp-echo", netip.AddrPortFrom(v4, 7).String(), "--udp-echo", netip.AddrPortFrom(v6, 7).String())
+	p.waitOutput(t, "serving", 1)
+	return p
 }
 
 // lb is a running `lbctl run`.
