@@ -8,6 +8,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "csum.h"
+#include "trace.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -108,6 +109,38 @@ static __always_inline void frag_key(const struct pkt *p, struct snat_frag_key *
 	__builtin_memcpy(k->daddr, p->daddr, sizeof(k->daddr));
 }
 
+#ifdef LBCTL_TRACE
+/* trace_snat reports what snat decided for p (lbctl trace). */
+static __always_inline void trace_snat(struct __sk_buff *skb, const struct pkt *p, __u8 decision,
+				       const __u8 *to, __be16 to_port)
+{
+	struct trace_event ev = {
+		.ifindex = skb->ifindex,
+		.len = skb->len,
+		.prog = TRACE_PROG_SNAT,
+		.decision = decision,
+	};
+
+	if (decision != TRACE_NOT_PARSED) {
+		ev.family = p->family;
+		ev.proto = p->proto;
+		ev.sport = p->sport;
+		__builtin_memcpy(ev.saddr, p->saddr, sizeof(ev.saddr));
+		__builtin_memcpy(ev.daddr, p->daddr, sizeof(ev.daddr));
+		if (p->frag != FRAG_LATER)
+			bpf_skb_load_bytes(skb, p->l4_off + 2, &ev.dport, sizeof(ev.dport));
+	}
+	if (to) {
+		__builtin_memcpy(ev.new_addr, to, sizeof(ev.new_addr));
+		ev.new_port = to_port;
+	}
+	trace_emit(&ev);
+}
+#define TRACE_SNAT(skb, p, decision, to, to_port) trace_snat(skb, p, decision, to, to_port)
+#else
+#define TRACE_SNAT(skb, p, decision, to, to_port) do { } while (0)
+#endif
+
 static __always_inline int set_saddr(struct __sk_buff *skb, const struct pkt *p, const __u8 *to)
 {
 	if (p->family == SNAT_FAMILY_V4) {
@@ -134,6 +167,7 @@ int snat_egress(struct __sk_buff *skb)
 	count(SNAT_SEEN);
 	if (parse_l3l4(skb, &p) < 0) {
 		count(SNAT_NOT_PARSED);
+		TRACE_SNAT(skb, &p, TRACE_NOT_PARSED, NULL, 0);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -149,6 +183,7 @@ int snat_egress(struct __sk_buff *skb)
 
 			if (!r) {
 				count(SNAT_NO_MATCH);
+				TRACE_SNAT(skb, &p, TRACE_NO_RULE, NULL, 0);
 				return TC_ACT_UNSPEC;
 			}
 			__builtin_memcpy(fv.addr, r->addr, sizeof(fv.addr));
@@ -156,10 +191,12 @@ int snat_egress(struct __sk_buff *skb)
 		}
 		if (set_saddr(skb, &p, fv.addr)) {
 			count(SNAT_ERRORS);
+			TRACE_SNAT(skb, &p, TRACE_ERROR, fv.addr, 0);
 			return TC_ACT_UNSPEC;
 		}
 		count(SNAT_REWRITTEN);
 		count(SNAT_FRAGMENTS);
+		TRACE_SNAT(skb, &p, TRACE_REWRITTEN, fv.addr, 0);
 		count_rule(fv.rule_id, len);
 		return TC_ACT_UNSPEC;
 	}
@@ -168,6 +205,7 @@ int snat_egress(struct __sk_buff *skb)
 
 	if (!r) {
 		count(SNAT_NO_MATCH);
+		TRACE_SNAT(skb, &p, TRACE_NO_RULE, NULL, 0);
 		return TC_ACT_UNSPEC;
 	}
 	__builtin_memcpy(fv.addr, r->addr, sizeof(fv.addr));
@@ -181,13 +219,16 @@ int snat_egress(struct __sk_buff *skb)
 	/* Port first: set_sport reads p.sport, set_saddr p.saddr, both unchanged. */
 	if (to_port && to_port != p.sport && set_sport(skb, &p, to_port)) {
 		count(SNAT_ERRORS);
+		TRACE_SNAT(skb, &p, TRACE_ERROR, fv.addr, to_port);
 		return TC_ACT_UNSPEC;
 	}
 	if (set_saddr(skb, &p, fv.addr)) {
 		count(SNAT_ERRORS);
+		TRACE_SNAT(skb, &p, TRACE_ERROR, fv.addr, to_port);
 		return TC_ACT_UNSPEC;
 	}
 	count(SNAT_REWRITTEN);
+	TRACE_SNAT(skb, &p, TRACE_REWRITTEN, fv.addr, to_port);
 	count_rule(fv.rule_id, len);
 	return TC_ACT_UNSPEC;
 }

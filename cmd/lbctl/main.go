@@ -39,6 +39,7 @@ func commands() []command {
 		doctorCmd,
 		metricsCmd,
 		statusCmd,
+		traceCmd,
 	}
 }
 

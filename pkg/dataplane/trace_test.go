@@ -1,0 +1,179 @@
+package dataplane
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/lbctl/lbctl/test/testenv"
+)
+
+// TestSNATNormalObjectHasNoTracing: the object attached normally carries no
+// tracing code (the "zero cost when off" of lbctl trace): no ring buffer,
+// no filter, no ring buffer helper call; the tracing object has them.
+func TestSNATNormalObjectHasNoTracing(t *testing.T) {
+	calls := func(spec *ebpf.CollectionSpec) map[asm.BuiltinFunc]bool {
+		out := map[asm.BuiltinFunc]bool{}
+		for _, ins := range spec.Programs["snat_egress"].Instructions {
+			if ins.IsBuiltinCall() {
+				out[asm.BuiltinFunc(ins.Constant)] = true
+			}
+		}
+		return out
+	}
+	normal, err := loadSnat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	traced, err := loadSnatTrace()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := normal.Maps["trace_events"]; ok || calls(normal)[asm.FnRingbufOutput] || normal.Variables["trace_port"] != nil {
+		t.Errorf("the normal snat object has tracing code")
+	}
+	if _, ok := traced.Maps["trace_events"]; !ok || !calls(traced)[asm.FnRingbufOutput] || traced.Variables["trace_port"] == nil {
+		t.Errorf("the tracing snat object has no ring buffer output")
+	}
+	if n, tr := len(normal.Programs["snat_egress"].Instructions), len(traced.Programs["snat_egress"].Instructions); n >= tr {
+		t.Errorf("normal program %d instructions, tracing %d: want fewer", n, tr)
+	}
+}
+
+// readUntil reads events until want returns true for one, or the guard
+// deadline passes (a hang guard, not a timing assertion).
+func readUntil(t *testing.T, tr *Tracer, want func(TraceEvent) bool) (TraceEvent, bool) {
+	t.Helper()
+	tr.SetDeadline(time.Now().Add(10 * time.Second))
+	for {
+		ev, err := tr.Read()
+		if err != nil {
+			t.Errorf("read trace: %v", err)
+			return TraceEvent{}, false
+		}
+		if want(ev) {
+			return ev, true
+		}
+	}
+}
+
+// TestTraceSNAT: while a trace runs, a rewritten datagram and one no rule
+// matches each produce an event saying so; a port filter keeps the other
+// out; closing the trace puts the original program back in the link.
+func TestTraceSNAT(t *testing.T) {
+	testenv.RequireRoot(t)
+	root := mountBPFFS(t)
+	inNetns(t, func() {
+		for _, c := range [][]string{
+			{"link", "add", "v0", "type", "veth", "peer", "name", "v1"},
+			{"addr", "add", "198.19.16.11/24", "dev", "v0"},
+			{"link", "set", "v0", "up"}, {"link", "set", "v1", "up"},
+			{"neigh", "add", "198.19.16.99", "lladdr", "02:00:00:00:00:99", "dev", "v0"},
+		} {
+			if !ipCmd(t, c...) {
+				return
+			}
+		}
+		d, err := Open(Options{Root: root})
+		if err != nil {
+			t.Errorf("open: %v", err)
+			return
+		}
+		defer d.Close()
+		if _, err := d.AttachSNAT("v0"); err != nil {
+			t.Errorf("attach: %v", err)
+			return
+		}
+		if err := d.AddSNAT(SNATRule{Src: netip.MustParsePrefix("198.19.16.11/32"), Proto: UDP, SPort: 53,
+			To: netip.MustParseAddr("198.18.98.10"), ToPort: 5353}); err != nil {
+			t.Errorf("add: %v", err)
+			return
+		}
+		origID := linkProgram(t, root+"/lbctl/links/v0/snat")
+		send := func(sport int) {
+			c, err := net.DialUDP("udp", &net.UDPAddr{IP: net.IPv4(198, 19, 16, 11), Port: sport}, &net.UDPAddr{IP: net.IPv4(198, 19, 16, 99), Port: 40000})
+			if err != nil {
+				t.Errorf("dial: %v", err)
+				return
+			}
+			defer c.Close()
+			if _, err := c.Write([]byte("answer")); err != nil {
+				t.Errorf("send: %v", err)
+			}
+		}
+
+		tr, err := d.StartTrace(TraceFilter{})
+		if err != nil {
+			t.Errorf("start trace: %v", err)
+			return
+		}
+		if got := tr.Attachments(); len(got) != 1 || got[0].Interface != "v0" {
+			t.Errorf("tracing %v, want snat on v0", got)
+		}
+		if linkProgram(t, root+"/lbctl/links/v0/snat") == origID {
+			t.Errorf("the link still runs the original program while tracing")
+		}
+		send(53)
+		send(54)
+		from := func(port uint16) func(TraceEvent) bool {
+			return func(ev TraceEvent) bool { return ev.Src == netip.AddrPortFrom(netip.MustParseAddr("198.19.16.11"), port) }
+		}
+		if ev, ok := readUntil(t, tr, from(53)); ok {
+			if ev.Program != "snat" || ev.Interface != "v0" || ev.Decision != "rewritten" || ev.Proto != UDP ||
+				ev.Dst.String() != "198.19.16.99:40000" || ev.New.String() != "198.18.98.10:5353" || ev.Len == 0 {
+				t.Errorf("rewritten datagram: %+v", ev)
+			}
+		}
+		if ev, ok := readUntil(t, tr, from(54)); ok {
+			if ev.Decision != "no_rule" || ev.New.IsValid() {
+				t.Errorf("datagram without a rule: %+v", ev)
+			}
+		}
+		if err := tr.Close(); err != nil {
+			t.Errorf("close trace: %v", err)
+		}
+		if _, err := tr.Read(); !errors.Is(err, ringbuf.ErrClosed) {
+			t.Errorf("read after close: %v, want ErrClosed", err)
+		}
+		if got := linkProgram(t, root+"/lbctl/links/v0/snat"); got != origID {
+			t.Errorf("after the trace the link runs program %d, want the original %d", got, origID)
+		}
+
+		// A filter on port 54: the rewritten datagram (port 53 to 40000) is left out.
+		tr, err = d.StartTrace(TraceFilter{Addr: netip.MustParseAddr("198.19.16.99"), Port: 54})
+		if err != nil {
+			t.Errorf("start trace: %v", err)
+			return
+		}
+		defer tr.Close()
+		send(53)
+		send(54)
+		ev, ok := readUntil(t, tr, func(TraceEvent) bool { return true })
+		if ok && ev.Src.Port() != 54 {
+			t.Errorf("filtered trace returned %+v, want only port 54", ev)
+		}
+	})
+}
+
+func linkProgram(t *testing.T, pin string) ebpf.ProgramID {
+	t.Helper()
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		t.Errorf("load link %s: %v", pin, err)
+		return 0
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		t.Errorf("link info: %v", err)
+		return 0
+	}
+	return info.Program
+}
