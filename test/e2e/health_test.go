@@ -382,3 +382,57 @@ func TestHealthFailoverTCP(t *testing.T) {
 		},
 	}.run(t)
 }
+
+// TestHealthReloadKeepsState: a SIGHUP that changes a service's upstream
+// list but not its check keeps the state of the upstreams that stay: a
+// dead upstream stays down (its state is not reset to up, which would send
+// it queries until the checks caught it again).
+func TestHealthReloadKeepsState(t *testing.T) {
+	h := newHarness(t, topo.Options{})
+	backends := make([]*process, 5)
+	for i := 1; i <= 4; i++ {
+		backends[i] = h.startBackend(t, i)
+	}
+	upstream := func(i int) netip.AddrPort { return netip.AddrPortFrom(topo.Backend4(i), 53) }
+	cfg := func(weight1 int) string {
+		return fmt.Sprintf(`services:
+  - name: dns
+    protocol: udp
+    listen: %s
+    mode: dsr
+    upstreams: [{address: %s, weight: %d}, %s, %s, %s]
+    health: {type: dns, query: www.example.com, interval: %v, timeout: %v, rise: %d, fall: %d}
+`, netip.AddrPortFrom(topo.VIP4, 53), upstream(1), weight1, upstream(2), upstream(3), upstream(4),
+			hcInterval, hcTimeout, hcRise, hcFall)
+	}
+	l := h.run(t, cfg(1))
+	backends[2].signal(syscall.SIGKILL)
+	<-backends[2].done
+	l.awaitTransition(t, upstream(2), "down", 1)
+
+	s := startStream(t, 4, h.dnsWorker(t, netip.AddrPortFrom(topo.VIP4, 53)))
+	time.Sleep(time.Second)
+	hup := time.Now() // queries from here on may meet the new pool
+	if !l.reload(t, cfg(2)) {
+		t.Fatalf("reload failed:\n%s", l.out.String())
+	}
+	time.Sleep(3 * time.Second) // six check intervals
+	s.stop()
+
+	w := s.window(hup, time.Now())
+	n, firstErr := tally(w)
+	t.Logf("after the reload: %d queries, %d lost, per backend %v", len(w), n[0], n[1:])
+	if len(w) < 100 {
+		t.Fatalf("only %d queries after the reload", len(w))
+	}
+	if n[0] != 0 {
+		t.Errorf("%d queries lost after the reload (the dead upstream was chosen again?), first: %v", n[0], firstErr)
+	}
+	if n[1] <= n[3] {
+		t.Errorf("upstream 1 (weight 2 after the reload) answered %d, upstream 3 (weight 1) %d: the reload did not apply", n[1], n[3])
+	}
+	out := l.out.String()
+	if d, u := len(transitionLines(out, upstream(2), "down")), len(transitionLines(out, upstream(2), "up")); d != 1 || u != 0 {
+		t.Errorf("the dead upstream went down %d times and up %d times, want once and never: the reload reset its state", d, u)
+	}
+}
