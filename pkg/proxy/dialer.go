@@ -65,14 +65,19 @@ func (d *ProxyDialer) control(_, _ string, c syscall.RawConn) error {
 	return nil
 }
 
-// DialTCP implements Dialer.
+// DialTCP implements Dialer. The context's deadline becomes the dialer's
+// (no goroutine watches the context), TCP keep-alive stays off (four
+// setsockopt calls fewer per connection; the idle timeout ends dead
+// connections), and the address needs no parsing.
 func (d *ProxyDialer) DialTCP(ctx context.Context, _, upstream netip.AddrPort) (*net.TCPConn, error) {
-	nd := net.Dialer{Control: d.control}
-	c, err := nd.DialContext(ctx, "tcp", upstream.String())
-	if err != nil {
-		return nil, err
+	nd := net.Dialer{KeepAlive: -1}
+	if d.Interface != "" {
+		nd.Control = d.control
 	}
-	return c.(*net.TCPConn), nil
+	if dl, ok := ctx.Deadline(); ok {
+		nd.Deadline = dl
+	}
+	return nd.DialTCP(context.Background(), "tcp", netip.AddrPort{}, upstream)
 }
 
 // DialUDP implements Dialer: an idle socket to upstream if one is kept,
@@ -86,12 +91,11 @@ func (d *ProxyDialer) DialUDP(_, upstream netip.AddrPort) (*net.UDPConn, error) 
 		return c, nil
 	}
 	d.mu.Unlock()
-	nd := net.Dialer{Control: d.control}
-	c, err := nd.Dial("udp", upstream.String())
-	if err != nil {
-		return nil, err
+	var nd net.Dialer
+	if d.Interface != "" {
+		nd.Control = d.control
 	}
-	return c.(*net.UDPConn), nil
+	return nd.DialUDP(context.Background(), "udp", netip.AddrPort{}, upstream)
 }
 
 // ReleaseUDP implements Dialer.

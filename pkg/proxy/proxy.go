@@ -60,7 +60,9 @@ type Frontend interface {
 // listenConfig sets SO_REUSEPORT when reusePort (the UDP listeners, one
 // per core) and then the mode's own options.
 func listenConfig(d Dialer, reusePort bool) *net.ListenConfig {
-	return &net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
+	// KeepAlive -1: accepted connections skip the keep-alive setsockopt
+	// calls; the idle timeout ends dead connections.
+	return &net.ListenConfig{KeepAlive: -1, Control: func(network, address string, c syscall.RawConn) error {
 		if reusePort {
 			var serr error
 			if err := c.Control(func(fd uintptr) {
