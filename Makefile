@@ -14,7 +14,7 @@ help:
 	@echo "make test             every test (root needed for the BPF and namespace ones)"
 	@echo "make test-unit        tests that need no privileges"
 	@echo "make bench            benchmarks: BPF_PROG_TEST_RUN ns/packet, lbctl vs nginx"
-	@echo "make demo             the seed's setup on a namespace topology, with lbctl in front"
+	@echo "make demo             the seed's setup on a namespace topology, with lbctl in front (DEMO_ARGS=--hold keeps it up)"
 	@echo "make fuzz             run each fuzz target for FUZZTIME (default 30s)"
 
 build:
@@ -48,8 +48,9 @@ fuzz:
 bench: build
 	bash scripts/bench.sh
 
+DEMO_ARGS ?=
 demo: build
-	bash scripts/demo.sh
+	BIN=$(BIN) bash scripts/demo.sh $(DEMO_ARGS)
 
 image:
 	podman build -t lbctl:$(VERSION) .
