@@ -333,13 +333,14 @@ type viewEntry struct {
 	eligible  bool
 	weight    int       // full effective weight, 0 when not eligible
 	rampStart time.Time // zero = no ramp
+	probation bool      // passive probation: a success ends it
 }
 
 // publish rebuilds the readers' view. t.mu is held.
 func (t *Tracker) publish() {
 	v := &view{allDown: t.allDown, ups: make([]viewEntry, len(t.ups))}
 	for i, u := range t.ups {
-		e := viewEntry{state: u.state, eligible: t.eligible(u)}
+		e := viewEntry{state: u.state, eligible: t.eligible(u), probation: u.passive == passiveProbation}
 		if e.eligible {
 			e.weight = u.cfg.Weight * WeightScale
 			if !u.rampStart.IsZero() && t.slowStart > 0 && !t.allDown {
@@ -444,8 +445,8 @@ func (t *Tracker) ReportFailure(i int) {
 // ReportSuccess records a passive success of upstream i (a connect, a
 // reply). It ends probation: the upstream is up again, with slow start.
 func (t *Tracker) ReportSuccess(i int) {
-	if t.maxFails <= 0 {
-		return
+	if t.maxFails <= 0 || !t.view.Load().ups[i].probation {
+		return // the common case, without a lock
 	}
 	t.mu.Lock()
 	u := t.ups[i]
@@ -564,6 +565,7 @@ func (t *Tracker) computeAllDown() bool {
 func (t *Tracker) update(u *upstream, now time.Time, reason string) {
 	from, to := u.state, t.stateOf(u)
 	if from == to {
+		t.publish() // a part changed (passive probation) without the state
 		return
 	}
 	u.state, u.since = to, now

@@ -551,3 +551,58 @@ func TestNewTrackerErrors(t *testing.T) {
 		t.Fatal("NewTracker accepted a service without upstreams")
 	}
 }
+
+// BenchmarkBalancerRead is what the front end pays per pick and upstream:
+// one Eligible and one Weight, lock-free, during a slow-start ramp (the
+// costlier path: it reads the clock).
+func BenchmarkBalancerRead(b *testing.B) {
+	svc := service(4, tcpCheck(1, 1), config.Passive{SlowStart: time.Hour})
+	tr, err := NewTracker(svc, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer tr.Close()
+	tr.observe(0, Result{Err: errCheck})
+	tr.observe(0, Result{}) // upstream 0 ramps for an hour
+	bal := tr.ForBalancer()
+	b.RunParallel(func(pb *testing.PB) {
+		i, sum := 0, 0
+		for pb.Next() {
+			if bal.Up(i & 3) {
+				sum += bal.Weight(i & 3)
+			}
+			i++
+		}
+		_ = sum
+	})
+}
+
+// BenchmarkReportSuccess is the passive report on every reply when nothing
+// changes (the common case).
+func BenchmarkReportSuccess(b *testing.B) {
+	tr, err := NewTracker(service(4, nil, config.Passive{MaxFails: 1, FailTimeout: time.Second}), Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer tr.Close()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			tr.ReportSuccess(i & 3)
+			i++
+		}
+	})
+}
+
+// TestProbationWhileActiveDown: the passive half ends its probation on a
+// success even while the active half keeps the upstream down (tried anyway
+// because all are down).
+func TestProbationWhileActiveDown(t *testing.T) {
+	h := newHarness(t, service(1, tcpCheck(1, 1), config.Passive{MaxFails: 1, FailTimeout: time.Second}))
+	h.tr.ReportFailure(0) // passive down
+	h.check(0, false)     // active down too
+	h.clock.Advance(time.Second)
+	h.tr.ReportSuccess(0) // ends probation, state stays down (active)
+	h.check(0, true)
+	h.wantState(0, StateUp)
+}
