@@ -23,10 +23,18 @@ func (d *Daemon) checker() *health.Checker {
 // of the upstreams that did not change; connections started on the old
 // pool report to the old tracker, which ignores them once closed.
 //
-// Runners that feed BPF tables (xdp) subscribe to Tracker() and rebuild
-// from each health.Change.
+// Runners that feed BPF tables (xdp) set onChange: it is called with the
+// tracker after every attach (start, reload) and after every change of that
+// tracker's upstreams (a transition, a slow-start step), and rebuilds the
+// table from tr.Eligible(i) and tr.Weight(i):
+//
+//	r.health = upstreamHealth{d: d, onChange: r.fillTable}
+//	r.health.attach(svc, nil) // no Go pool; again on every Update
+//	r.health.start()          // in Start; r.health.stop() in Stop
 type upstreamHealth struct {
-	d       *Daemon
+	d        *Daemon
+	onChange func(*health.Tracker)
+
 	mu      sync.Mutex
 	tr      *health.Tracker
 	started bool
@@ -45,6 +53,10 @@ func (h *upstreamHealth) attach(svc config.Service, pool *proxy.Pool) error {
 	}
 	if pool != nil {
 		pool.SetHealth(tr.ForBalancer())
+	}
+	if fn := h.onChange; fn != nil {
+		fn(tr)
+		tr.Subscribe(func(health.Change) { fn(tr) })
 	}
 	if h.started {
 		h.d.checker().Add(tr)
