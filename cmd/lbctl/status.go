@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"text/tabwriter"
+	"time"
 
+	"github.com/lbctl/lbctl/pkg/daemon"
 	"github.com/lbctl/lbctl/pkg/dataplane"
 )
 
@@ -22,6 +25,9 @@ type statusReport struct {
 	SNATRules   int                         `json:"snat_rules"`
 	MaxRules    int                         `json:"snat_rules_max"`
 	XDP         []dataplane.XDPServiceState `json:"xdp_services"`
+	// Daemon is lbctl run's status; null when none runs for this --bpffs.
+	Daemon        *daemon.Status `json:"daemon"`
+	ControlSocket string         `json:"control_socket"`
 }
 
 func runStatus(ctx context.Context, e *env, args []string) error {
@@ -34,7 +40,13 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 	if len(pos) > 0 {
 		return usagef("unexpected argument %q (usage: lbctl status [--json])", pos[0])
 	}
-	rep := statusReport{BPFFS: e.bpffs, Attachments: []dataplane.AttachmentInfo{}, MaxRules: dataplane.MaxSNATRules}
+	rep := statusReport{BPFFS: e.bpffs, Attachments: []dataplane.AttachmentInfo{}, MaxRules: dataplane.MaxSNATRules,
+		ControlSocket: daemon.ControlSocket(e.bpffs)}
+	if st, err := daemon.QueryStatus(ctx, rep.ControlSocket); err == nil {
+		rep.Daemon = &st
+	} else if !errors.Is(err, daemon.ErrNotRunning) {
+		return err
+	}
 	dp, err := openReader(e)
 	switch {
 	case errorsIsNoState(err):
@@ -60,6 +72,9 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 	}
 	if *asJSON {
 		return writeJSON(e.stdout, rep)
+	}
+	if err := printDaemon(e, rep); err != nil {
+		return err
 	}
 	if !rep.State {
 		fmt.Fprintf(e.stdout, "no lbctl state under %s/lbctl: nothing attached (lbctl attach IFACE)\n", e.bpffs)
@@ -100,5 +115,51 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 		}
 	}
 	fmt.Fprintf(e.stdout, "state: %s/lbctl\n", e.bpffs)
+	return nil
+}
+
+// printDaemon prints the services of the running daemon, if any.
+func printDaemon(e *env, rep statusReport) error {
+	if rep.Daemon == nil {
+		fmt.Fprintf(e.stdout, "daemon: not running (no lbctl run answers on %s)\n\n", rep.ControlSocket)
+		return nil
+	}
+	st := rep.Daemon
+	fmt.Fprintf(e.stdout, "daemon: running since %s, config %s, %d reloads\n\n", st.Started.Format(time.RFC3339), st.Config, st.Reloads)
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVICE\tMODE\tPROTO\tLISTEN\tBALANCE\tUPSTREAM\tHEALTH\tWEIGHT\tSHARE\tACTIVE\tTOTAL\tFAILURES")
+	for _, s := range st.Services {
+		var total uint64
+		for _, u := range s.Upstreams {
+			total += u.Total
+		}
+		state := map[string]string{}
+		for _, h := range s.Health {
+			state[h.Addr.String()] = h.State.String()
+		}
+		for i, u := range s.Upstreams {
+			name, mode, proto, listen, bal := s.Name, s.Mode, s.Protocol, s.Listen, s.Balance
+			if i > 0 {
+				name, mode, proto, listen, bal = "", "", "", "", ""
+			}
+			h := state[u.Addr.String()]
+			if h == "" {
+				h = map[bool]string{true: "up", false: "down"}[u.Up]
+			}
+			if u.Backup {
+				h += " (backup)"
+			}
+			share := "-"
+			if total > 0 {
+				share = fmt.Sprintf("%.1f%%", 100*float64(u.Total)/float64(total))
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%d\t%d\t%d\n", name, mode, proto, listen, bal,
+				u.Addr, h, u.Weight, share, u.Active, u.Total, u.Failures)
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(e.stdout)
 	return nil
 }

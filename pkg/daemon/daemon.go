@@ -31,6 +31,9 @@ type Options struct {
 	ConfigPath string      // the YAML file (lbctl run -c)
 	BPFFS      string      // bpffs root for pinned state (modes that use BPF)
 	Log        *zap.Logger // nil: no logs
+	// ControlSocket is where lbctl status finds the daemon; default
+	// ControlSocket(BPFFS) (control.go).
+	ControlSocket string
 }
 
 // runner runs one service in one mode.
@@ -77,6 +80,8 @@ type Daemon struct {
 
 	checkOnce sync.Once
 	checks    *health.Checker // the health-check pool of every service (health.go)
+
+	ops ops // control socket and metrics (control.go)
 }
 
 type service struct {
@@ -124,6 +129,11 @@ func Run(ctx context.Context, opts Options) error {
 	if err != nil {
 		return err
 	}
+	stopOps, err := d.startOps(ctx)
+	if err != nil {
+		return err
+	}
+	defer stopOps()
 	if err := d.Start(ctx); err != nil {
 		return err
 	}

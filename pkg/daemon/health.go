@@ -12,7 +12,7 @@ import (
 // and closed at exit.
 func (d *Daemon) checker() *health.Checker {
 	d.checkOnce.Do(func() {
-		d.checks = health.NewChecker(health.CheckerOptions{Log: d.log.Named("health")})
+		d.checks = health.NewChecker(health.CheckerOptions{Log: d.log.Named("health"), Observe: d.observeCheck})
 		d.AtExit(func() error { d.checks.Close(); return nil })
 	})
 	return d.checks

@@ -320,4 +320,3 @@ func (t *Tracer) Close() error {
 	}
 	return errors.Join(errs...)
 }
-

@@ -123,7 +123,9 @@ func TestTraceSNAT(t *testing.T) {
 		send(53)
 		send(54)
 		from := func(port uint16) func(TraceEvent) bool {
-			return func(ev TraceEvent) bool { return ev.Src == netip.AddrPortFrom(netip.MustParseAddr("198.19.16.11"), port) }
+			return func(ev TraceEvent) bool {
+				return ev.Src == netip.AddrPortFrom(netip.MustParseAddr("198.19.16.11"), port)
+			}
 		}
 		if ev, ok := readUntil(t, tr, from(53)); ok {
 			if ev.Program != "snat" || ev.Interface != "v0" || ev.Decision != "rewritten" || ev.Proto != UDP ||

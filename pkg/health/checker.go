@@ -29,6 +29,9 @@ type CheckerOptions struct {
 	// Dialer opens the check sockets; nil = a plain net.Dialer (the load
 	// balancer's own address).
 	Dialer Dialer
+	// Observe, if set, is called with every finished check (metrics:
+	// check latency histograms). It must not block.
+	Observe func(service string, upstream netip.AddrPort, r Result)
 }
 
 // Checker runs the active checks of every tracker added to it: one
@@ -37,6 +40,8 @@ type CheckerOptions struct {
 type Checker struct {
 	log    *zap.Logger
 	dialer Dialer
+	// observe is CheckerOptions.Observe.
+	observe func(string, netip.AddrPort, Result)
 
 	mu      sync.Mutex
 	pending jobHeap
@@ -80,6 +85,7 @@ func NewChecker(opts CheckerOptions) *Checker {
 		jobs:   make(chan *job),
 		stop:   make(chan struct{}),
 	}
+	c.observe = opts.Observe
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wg.Add(1 + opts.Workers)
 	go c.schedule()
@@ -236,7 +242,11 @@ func (c *Checker) run(j *job) {
 	}
 	c.mu.Unlock()
 	if !removed {
-		j.t.observe(j.i, Result{At: start, Latency: lat, Err: err})
+		r := Result{At: start, Latency: lat, Err: err}
+		j.t.observe(j.i, r)
+		if c.observe != nil {
+			c.observe(j.t.Service(), j.t.Addr(j.i), r)
+		}
 	}
 }
 

@@ -40,9 +40,10 @@ type Service struct {
 	Active int64
 	// BytesIn is bytes from clients to upstreams, BytesOut back.
 	BytesIn, BytesOut uint64
-	// Datagrams is UDP datagrams forwarded to upstreams (dsr included).
-	Datagrams uint64
-	Upstreams []Upstream
+	// Rejected is connections/sessions refused (max_conns, no upstream
+	// left, draining); Failed those no upstream could be reached for.
+	Rejected, Failed uint64
+	Upstreams        []Upstream
 }
 
 // Upstream is one upstream of a service.
@@ -158,8 +159,10 @@ var (
 		"Connections or sessions open now.", []string{"service", "mode"}, nil)
 	descBytes = prometheus.NewDesc("lbctl_bytes_total",
 		"Bytes proxied by a service: in = client to upstream, out = upstream to client.", []string{"service", "direction"}, nil)
-	descDatagrams = prometheus.NewDesc("lbctl_datagrams_total",
-		"UDP datagrams forwarded to upstreams by a service.", []string{"service"}, nil)
+	descRejected = prometheus.NewDesc("lbctl_rejected_total",
+		"Connections or sessions a service refused: max_conns, no upstream left, draining.", []string{"service"}, nil)
+	descFailed = prometheus.NewDesc("lbctl_failed_total",
+		"Connections or sessions for which no upstream could be reached.", []string{"service"}, nil)
 	descXDPPkts = prometheus.NewDesc("lbctl_xdp_backend_packets_total",
 		"Packets the xdp_lb program sent to a backend of a service.", []string{"service", "proto", "backend"}, nil)
 	descXDPBytes = prometheus.NewDesc("lbctl_xdp_backend_bytes_total",
@@ -184,7 +187,7 @@ type collector struct {
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descBPF, descBPFUp, descRulePkts, descRuleBytes, descConns, descSessions,
-		descActive, descBytes, descDatagrams, descXDPPkts, descXDPBytes, descXDPShare, descUp, descWeight, descFailures, descSelected} {
+		descActive, descBytes, descRejected, descFailed, descXDPPkts, descXDPBytes, descXDPShare, descUp, descWeight, descFailures, descSelected} {
 		ch <- d
 	}
 }
@@ -260,7 +263,8 @@ func collectFrontend(ch chan<- prometheus.Metric, f Frontend) {
 		ch <- prometheus.MustNewConstMetric(descActive, prometheus.GaugeValue, float64(s.Active), s.Name, s.Mode)
 		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(s.BytesIn), s.Name, "in")
 		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(s.BytesOut), s.Name, "out")
-		ch <- prometheus.MustNewConstMetric(descDatagrams, prometheus.CounterValue, float64(s.Datagrams), s.Name)
+		ch <- prometheus.MustNewConstMetric(descRejected, prometheus.CounterValue, float64(s.Rejected), s.Name)
+		ch <- prometheus.MustNewConstMetric(descFailed, prometheus.CounterValue, float64(s.Failed), s.Name)
 		for _, u := range s.Upstreams {
 			up := 0.0
 			if u.Up {
