@@ -1,0 +1,65 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"strings"
+)
+
+// step measures one line of the table.
+type step func(ctx context.Context) (result, error)
+
+// measureLines runs the steps in order. A step that fails is reported in
+// the returned error and the next one still runs; a cancelled context
+// stops the rest.
+func measureLines(ctx context.Context, steps ...step) ([]result, error) {
+	var out []result
+	var errs []error
+	for _, s := range steps {
+		if ctx.Err() != nil {
+			return out, ctx.Err()
+		}
+		r, err := s(ctx)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out, errors.Join(errs...)
+}
+
+// slug turns a path and load into a file-name part: "lbctl-proxy-dns-udp4".
+func slug(parts ...string) string {
+	s := strings.ToLower(strings.Join(parts, "-"))
+	return strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' {
+			return r
+		}
+		return '-'
+	}, s)
+}
+
+// dnsStep runs dnsperf against servers (split evenly) as line (path, load).
+func (e *env) dnsStep(path, load string, servers ...netip.Addr) step {
+	return func(ctx context.Context) (result, error) {
+		r, err := e.dnsperf(ctx, slug(path, load), servers...)
+		if err != nil {
+			return result{}, err
+		}
+		return dnsLine(path, load, r), nil
+	}
+}
+
+// httpStep runs wrk against servers as line (path, load); close sends
+// Connection: close, so every request is a new TCP connection.
+func (e *env) httpStep(path, load string, close bool, servers ...netip.Addr) step {
+	return func(ctx context.Context) (result, error) {
+		r, err := e.wrk(ctx, slug(path, load), close, servers...)
+		if err != nil {
+			return result{}, err
+		}
+		return httpLine(path, load, r), nil
+	}
+}
