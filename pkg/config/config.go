@@ -33,8 +33,9 @@ const (
 // implemented yet`. The issue that lands a mode adds it here (and flips the
 // gate test in config_test.go); nothing else needs to change.
 var implementedModes = map[Mode]bool{
-	ModeProxy: true,
-	ModeDSR:   true,
+	ModeProxy:       true,
+	ModeTransparent: true,
+	ModeDSR:         true,
 }
 
 // Protocol is the transport of a service.

@@ -54,6 +54,8 @@ func newRunner(d *Daemon, svc config.Service) (runner, error) {
 	switch svc.Mode {
 	case config.ModeProxy:
 		return newProxyRunner(d, svc)
+	case config.ModeTransparent:
+		return newTransparentRunner(d, svc)
 	case config.ModeDSR:
 		return newDSRRunner(d, svc)
 	}
@@ -74,6 +76,9 @@ type Daemon struct {
 
 	exitMu sync.Mutex
 	atExit []func() error
+
+	tpOnce sync.Once
+	tp     *transparentHost // mode transparent's host set-up (transparent.go)
 
 	natOnce sync.Once
 	nat     *routerNAT // router NAT set-up shared by the dsr services (dsr.go)

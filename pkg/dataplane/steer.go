@@ -232,3 +232,20 @@ func (d *Dataplane) SteerCounters() ([]Counter, error) {
 	}
 	return out, nil
 }
+
+// SteerUpstreamPackets returns the packets steer marked from upstream ap
+// of protocol proto, and whether ap is steered at all.
+func (d *Dataplane) SteerUpstreamPackets(proto Proto, ap netip.AddrPort) (uint64, bool, error) {
+	k, err := steerKey(proto, ap)
+	if err != nil {
+		return 0, false, err
+	}
+	var v steerSteerValue
+	if err := d.steer.SteerUpstreams.Lookup(&k, &v); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return 0, false, nil
+		}
+		return 0, false, fmt.Errorf("read steered upstream %s %s: %w", proto, ap, privHint(err))
+	}
+	return v.Packets, true, nil
+}

@@ -405,3 +405,17 @@ func (c *RPFilterChange) Restore() error {
 	}
 	return nil
 }
+
+// SourceTowards returns the address the kernel sends from towards addr
+// (the LB's address an upstream's default route must point at).
+func SourceTowards(addr netip.Addr) (netip.Addr, error) {
+	rs, err := netlink.RouteGet(addr.AsSlice())
+	if err != nil || len(rs) == 0 {
+		return netip.Addr{}, fmt.Errorf("route to %s: %v", addr, err)
+	}
+	a, ok := netip.AddrFromSlice(rs[0].Src)
+	if !ok {
+		return netip.Addr{}, fmt.Errorf("route to %s has no source address", addr)
+	}
+	return a.Unmap(), nil
+}

@@ -36,7 +36,7 @@ type TransparentDialer struct {
 	Interface string
 	// OnDialFailed, if set, is called after a TCP connect failed (the
 	// daemon's doctor-style watchdog: did the upstream's replies reach
-	// the LB at all?).
+	// the LB at all?). It must not block.
 	OnDialFailed func(client, upstream netip.AddrPort, err error)
 
 	upstreams atomic.Pointer[map[netip.AddrPort]bool]
