@@ -73,10 +73,11 @@ type tpClaim struct {
 	ups    []steerUp
 }
 
-// transparent returns the daemon's transparent host set-up, made on first use.
+// transparent returns the daemon's transparent host set-up, made on first
+// use. Called from newRunner, with d.mu held.
 func (d *Daemon) transparent() *transparentHost {
 	d.tpOnce.Do(func() {
-		cfg := d.Config()
+		cfg := d.cfg
 		d.tp = &transparentHost{
 			log: d.log, bpffs: d.opts.BPFFS, mark: cfg.Transparent.Mark, table: cfg.Transparent.Table,
 			policy: map[int]*policyRef{}, ifaces: map[string]*steerIfaceRef{}, ups: map[steerUp]*steerUpRef{},
