@@ -100,6 +100,9 @@ func renderLbctl(o lbctlOptions) (string, error) {
 // lbctlSupports says why this lbctl cannot run o's config ("" = it can):
 // `lbctl config check` refuses a mode that has not landed yet.
 func (e *env) lbctlSupports(ctx context.Context, o lbctlOptions) string {
+	if _, err := os.Stat(e.lbctl); err != nil {
+		return fmt.Sprintf("no lbctl binary (%v): make build", err)
+	}
 	o.backends = len(e.topo.Backends)
 	text, err := renderLbctl(o)
 	if err != nil {
@@ -111,7 +114,11 @@ func (e *env) lbctlSupports(ctx context.Context, o lbctlOptions) string {
 	}
 	out, err := e.command(ctx, e.topo.LB, e.lbctl, "config", "check", "-c", f).CombinedOutput()
 	if err != nil {
-		return fmt.Sprintf("lbctl config check refuses mode %s: %s", o.mode, firstLine(string(out)))
+		msg := firstLine(string(out))
+		if _, after, ok := strings.Cut(msg, ".yaml:"); ok {
+			msg = after // drop the temp file's path
+		}
+		return fmt.Sprintf("lbctl config check refuses mode %s: %s", o.mode, msg)
 	}
 	return ""
 }

@@ -150,10 +150,8 @@ func bench(ctx context.Context, log *zap.Logger, o *options, stdout io.Writer) (
 			return err
 		}
 	}
-	for _, p := range []string{o.lbctl, o.backend} {
-		if _, err := os.Stat(p); err != nil {
-			return fmt.Errorf("%w: build it first (make bench does)", err)
-		}
+	if _, err := os.Stat(o.backend); err != nil {
+		return fmt.Errorf("%w: build it first (make bench does)", err)
 	}
 	if err := os.MkdirAll(o.out, 0o755); err != nil {
 		return fmt.Errorf("results dir: %w", err)

@@ -9,7 +9,7 @@ import (
 )
 
 // bpfScenario runs pkg/dataplane's own benchmarks (BenchmarkSNAT,
-// BenchmarkSteer, and the xdp_lb one when it exists) from the compiled
+// BenchmarkSteer, and BenchmarkXDPLB when it exists) from the compiled
 // test binary, in the LB namespace, and reports ns/packet next to the
 // empty program each benchmark measures in the same run (its x-empty
 // metric). The method (rule whose target equals its match, one
@@ -28,7 +28,7 @@ var bpfScenario = scenario{
 			count, benchtime = 1, 100*time.Millisecond
 		}
 		out, err := e.run(ctx, e.topo.LB, e.dpTest, "-test.run", "^$",
-			"-test.bench", "^Benchmark(SNAT|Steer|XDP)", "-test.count", fmt.Sprint(count),
+			"-test.bench", "^Benchmark(SNAT|Steer|XDPLB)$", "-test.count", fmt.Sprint(count),
 			"-test.benchtime", benchtime.String())
 		if f, ferr := e.logFile("bpf-benchmarks"); ferr == nil {
 			_, _ = f.WriteString(out)
