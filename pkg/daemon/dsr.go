@@ -20,6 +20,7 @@ func newDSRRunner(d *Daemon, svc config.Service) (runner, error) {
 		return nil, err
 	}
 	fe := proxy.NewDSR(ProxyService(svc), pool, d.Log())
+	fe.Interface = svc.Interface
 	r := &dsrRunner{frontendRunner: frontendRunner{d: d, svc: svc, fe: fe, health: upstreamHealth{d: d}}}
 	if err := r.health.attach(svc, pool); err != nil {
 		return nil, err

@@ -118,6 +118,24 @@ func NewDSRSender(log *zap.Logger, v6 bool, stats *DSRStats) (*DSRSender, error)
 	}, nil
 }
 
+// BindToDevice makes the sender's datagrams leave by ifname only
+// (SO_BINDTODEVICE; the service's `interface` key), whatever the routing
+// table says. Needs CAP_NET_RAW.
+func (s *DSRSender) BindToDevice(ifname string) error {
+	rc, err := s.conn.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("bind dsr raw socket to %s: %w", ifname, err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.BindToDevice(int(fd), ifname) }); err != nil {
+		return fmt.Errorf("bind dsr raw socket to %s: %w", ifname, err)
+	}
+	if serr != nil {
+		return fmt.Errorf("bind dsr raw socket to %s: %w (check the service's interface key)", ifname, serr)
+	}
+	return nil
+}
+
 // Close closes the raw socket.
 func (s *DSRSender) Close() error { return s.conn.Close() }
 

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -299,6 +300,27 @@ func TestDSRSendNamespaces(t *testing.T) {
 			}
 			if got := st.Errors.Load(); got != 1 {
 				t.Errorf("Errors = %d, want 1", got)
+			}
+
+			// Bound to the upstream-facing eth1 it still arrives; a device
+			// that does not exist is named in the error.
+			if err := s.BindToDevice("nosuchdev0"); err == nil || !strings.Contains(err.Error(), "nosuchdev0") {
+				t.Errorf("BindToDevice(nosuchdev0) = %v, want an error naming it", err)
+			}
+			if err := s.BindToDevice("eth1"); err != nil {
+				t.Fatal(err)
+			}
+			c := netip.AddrPortFrom(fam.client, 4)
+			if n, err := s.Send([]DSRDatagram{{Client: c, Upstream: ups[1], Payload: []byte("via eth1")}}); n != 1 || err != nil {
+				t.Fatalf("Send(bound to eth1) = %d, %v", n, err)
+			}
+			select {
+			case r := <-recv[1]:
+				if r != (received{c, "via eth1"}) {
+					t.Errorf("got %v, want the datagram sent through eth1", r)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("nothing arrived through eth1")
 			}
 		})
 	}

@@ -24,6 +24,10 @@ import (
 // address:port on one upstream, so a multi-datagram exchange stays
 // together; round robin spreads datagrams one by one.
 type DSR struct {
+	// Interface, when set before Start, is where datagrams to the
+	// upstreams leave (the service's `interface` key); "" = the route.
+	Interface string
+
 	log   *zap.Logger
 	state atomic.Pointer[udpState]
 
@@ -57,6 +61,12 @@ func (d *DSR) Start() error {
 			return fmt.Errorf("service %s: %w", svc.Name, err)
 		}
 		d.senders = append(d.senders, s)
+		if d.Interface != "" {
+			if err := s.BindToDevice(d.Interface); err != nil {
+				d.close()
+				return fmt.Errorf("service %s: %w", svc.Name, err)
+			}
+		}
 	}
 	for i, c := range d.conns {
 		d.readers.Add(1)
