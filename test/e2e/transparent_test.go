@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -302,6 +303,37 @@ func TestTransparent(t *testing.T) {
 		t.Errorf("steer counters: %v\n%s", err, stats)
 	}
 	assertNoFirewall(t, h)
+
+	// SIGHUP down to two upstreams: the others leave steer's map, the
+	// rest keeps working from the client's address.
+	if !l.reload(t, transparentConfig(2, "")) {
+		t.Fatalf("reload failed:\n%s", l.out.String())
+	}
+	seen := map[string]bool{}
+	for range 4 {
+		me, body, err := h.getFrom(netip.AddrPortFrom(topo.Client6, 0), netip.AddrPortFrom(topo.VIP6, 80))
+		if err != nil {
+			t.Fatalf("GET after reload: %v", err)
+		}
+		m := helloRE.FindStringSubmatch(body)
+		if m == nil || m[2] != me.String() {
+			t.Fatalf("GET after reload from %s: %q", me, body)
+		}
+		seen[m[1]] = true
+	}
+	if len(seen) != 2 || !seen["dev1"] || !seen["dev2"] {
+		t.Errorf("after reload answered by %v, want dev1 and dev2", seen)
+	}
+	js, err := h.LB.Run(binary(t, "lbctl"), "--bpffs", h.LB.BPFFS, "stats", "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st struct {
+		SteerUpstreams []struct{ Addr string } `json:"steer_upstreams"`
+	}
+	if err := json.Unmarshal([]byte(js), &st); err != nil || len(st.SteerUpstreams) != 8 {
+		t.Errorf("steered upstreams after reload: %v, %+v; want 8 (2 upstreams x tcp/udp x IPv4/IPv6)", err, st.SteerUpstreams)
+	}
 
 	l.stop(t)
 	if after := lbState(t, h); after != before {
