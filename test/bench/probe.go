@@ -56,8 +56,13 @@ func probeDNS(h *topo.Host, server netip.Addr) error {
 }
 
 // probeHTTP sends GET / to server:80 from h and wants a 200 with the demo
-// backend's "Hello from" line.
-func probeHTTP(h *topo.Host, server netip.Addr) error {
+// backend's "Hello from" line; with from valid, the line must say the
+// backend saw that source address ("You connected from FROM:port").
+func probeHTTP(h *topo.Host, server, from netip.Addr) error {
+	want := "You connected from " + from.String() + ":"
+	if from.Is6() {
+		want = "You connected from [" + from.String() + "]:"
+	}
 	return h.Do(func() error {
 		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(server, 80).String(), time.Second)
 		if err != nil {
@@ -79,6 +84,9 @@ func probeHTTP(h *topo.Host, server netip.Addr) error {
 		for {
 			line, err := r.ReadString('\n')
 			if strings.HasPrefix(line, "Hello from ") {
+				if from.IsValid() && !strings.Contains(line, want) {
+					return fmt.Errorf("http probe %s: the backend saw another source than %s: %q", server, from, strings.TrimSpace(line))
+				}
 				return nil
 			}
 			if err != nil {
@@ -100,8 +108,14 @@ func (e *env) waitDNS(ctx context.Context, procs []*proc, servers ...netip.Addr)
 
 // waitHTTP waits until the client gets the demo page from each server.
 func (e *env) waitHTTP(ctx context.Context, procs []*proc, servers ...netip.Addr) error {
+	return e.waitHTTPFrom(ctx, procs, netip.Addr{}, servers...)
+}
+
+// waitHTTPFrom is waitHTTP where the backend must also report from as
+// the connection's source (transparent modes: the client's address).
+func (e *env) waitHTTPFrom(ctx context.Context, procs []*proc, from netip.Addr, servers ...netip.Addr) error {
 	for _, s := range servers {
-		if err := waitFor(ctx, "HTTP at "+s.String(), func() error { return probeHTTP(e.topo.Client, s) }, procs...); err != nil {
+		if err := waitFor(ctx, "HTTP at "+s.String(), func() error { return probeHTTP(e.topo.Client, s, from) }, procs...); err != nil {
 			return err
 		}
 	}

@@ -23,7 +23,8 @@ var lbctlTransparentScenario = scenario{
 		if err := e.waitDNS(ctx, []*proc{p}, topo.VIP4); err != nil {
 			return nil, err
 		}
-		if err := e.waitHTTP(ctx, []*proc{p}, topo.VIP4); err != nil {
+		// Transparent for real: the backend sees the client's address.
+		if err := e.waitHTTPFrom(ctx, []*proc{p}, topo.Client4, topo.VIP4); err != nil {
 			return nil, err
 		}
 		return measureLines(ctx,
