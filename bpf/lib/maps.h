@@ -147,7 +147,7 @@ struct xdp_flow {
 };
 
 /* Value of xdp_fib_cache (per CPU), indexed by backend id: the next hop
- * bpf_fib_lookup gave for the backend, valid until expires (ktime ns). */
+ * bpf_fib_lookup gave for the backend, valid until expires (jiffies). */
 struct xdp_fib_entry {
 	__u64 expires;
 	__u32 in_ifindex;	/* the lookup was made for packets arriving here */
@@ -157,9 +157,9 @@ struct xdp_fib_entry {
 };
 
 /* Indices of xdp_counters (per CPU). Stable: never renumber, only append.
- * seen = passed + tx + redirected + dropped + fib_miss + fragments + unsupported. */
+ * seen = passed + tx + redirected + dropped + fib_miss + fragments + unsupported + errors. */
 enum xdp_counter {
-	XDP_C_SEEN = 0,		/* packets the program ran on */
+	XDP_C_SEEN = 0,		/* packets the program ran on: never counted in BPF, user space sums the rest */
 	XDP_C_PASSED = 1,	/* not for a VIP (or not parsed): passed untouched */
 	XDP_C_TX = 2,		/* rewritten, sent back out of the same interface */
 	XDP_C_REDIRECTED = 3,	/* rewritten, redirected to another interface */
@@ -169,7 +169,7 @@ enum xdp_counter {
 	XDP_C_UNSUPPORTED = 7,	/* for a VIP but IPv4 options / IPv6 extension headers: passed untouched */
 	XDP_C_FLOW_HIT = 8,	/* TCP packet sent to the backend its flow already had */
 	XDP_C_FLOW_NEW = 9,	/* TCP flow entered into xdp_flows */
-	XDP_C_ERRORS = 10,	/* redirect refused, or a map update failed */
+	XDP_C_ERRORS = 10,	/* redirect refused or a rewrite failed: passed */
 	XDP_C_COUNTER_MAX,
 };
 

@@ -713,5 +713,9 @@ func (d *Dataplane) xdpCounters() ([]Counter, error) {
 		}
 		out = append(out, Counter{Name: XDPCounter(i).String(), Value: sum})
 	}
+	// seen is not counted in BPF: it is every verdict's packet.
+	for _, c := range []XDPCounter{XDPPassed, XDPTx, XDPRedirected, XDPDropped, XDPFibMiss, XDPFragments, XDPUnsupported, XDPErrors} {
+		out[XDPSeen].Value += out[c].Value
+	}
 	return out, nil
 }

@@ -100,7 +100,7 @@ const (
 	xdpMapXdpTables       = "xdp_tables"
 	xdpMapXdpTxPorts      = "xdp_tx_ports"
 	xdpProgXdpLb          = "xdp_lb"
-	xdpVarFibCacheNs      = "fib_cache_ns"
+	xdpVarFibCacheJiffies = "fib_cache_jiffies"
 	xdpVarXdpCounterBtf   = "xdp_counter_btf"
 )
 
@@ -168,8 +168,8 @@ type xdpMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type xdpVariableSpecs struct {
-	FibCacheNs    *ebpf.VariableSpec `ebpf:"fib_cache_ns"`
-	XdpCounterBtf *ebpf.VariableSpec `ebpf:"xdp_counter_btf"`
+	FibCacheJiffies *ebpf.VariableSpec `ebpf:"fib_cache_jiffies"`
+	XdpCounterBtf   *ebpf.VariableSpec `ebpf:"xdp_counter_btf"`
 }
 
 // xdpObjects contains all objects after they have been loaded into the kernel.
@@ -221,8 +221,8 @@ func (m *xdpMaps) Close() error {
 //
 // It can be passed to loadXdpObjects or ebpf.CollectionSpec.LoadAndAssign.
 type xdpVariables struct {
-	FibCacheNs    *ebpf.Variable `ebpf:"fib_cache_ns"`
-	XdpCounterBtf *ebpf.Variable `ebpf:"xdp_counter_btf"`
+	FibCacheJiffies *ebpf.Variable `ebpf:"fib_cache_jiffies"`
+	XdpCounterBtf   *ebpf.Variable `ebpf:"xdp_counter_btf"`
 }
 
 // xdpPrograms contains all programs after they have been loaded into the kernel.
