@@ -51,6 +51,9 @@ type env struct {
 	log    *zap.Logger
 	// bpffs is the root under which lbctl pins its state (lbctl/ below it).
 	bpffs string
+	// logFlags is true when --log-level or --log-format was given (they
+	// then win over the config file's log block in lbctl run).
+	logFlags bool
 }
 
 // usageError marks a command-line mistake: exit status 2.
@@ -100,6 +103,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	defer func() { _ = log.Sync() }()
 
 	e := &env{stdout: stdout, stderr: stderr, log: log, bpffs: *bpffs}
+	global.Visit(func(f *flag.Flag) { e.logFlags = e.logFlags || strings.HasPrefix(f.Name, "log-") })
 	for _, c := range commands() {
 		if c.name != rest[0] {
 			continue

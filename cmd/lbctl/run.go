@@ -29,5 +29,9 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	if *file == "" {
 		return usagef("-c FILE is required (%s)", runUsage)
 	}
-	return daemon.Run(ctx, daemon.Options{ConfigPath: *file, BPFFS: e.bpffs, Log: e.log})
+	opts := daemon.Options{ConfigPath: *file, BPFFS: e.bpffs, LogTo: e.stderr}
+	if e.logFlags {
+		opts.Log = e.log // --log-level/--log-format win over the file's log block
+	}
+	return daemon.Run(ctx, opts)
 }

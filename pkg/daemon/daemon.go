@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"slices"
@@ -20,6 +21,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/lbctl/lbctl/pkg/config"
 	"github.com/lbctl/lbctl/pkg/health"
@@ -30,7 +32,8 @@ import (
 type Options struct {
 	ConfigPath string      // the YAML file (lbctl run -c)
 	BPFFS      string      // bpffs root for pinned state (modes that use BPF)
-	Log        *zap.Logger // nil: no logs
+	Log        *zap.Logger // the logger; nil: built from the config's log block, to LogTo
+	LogTo      io.Writer   // where a logger built from the config writes; nil: no logs
 	// ControlSocket is where lbctl status finds the daemon; default
 	// ControlSocket(BPFFS) (control.go).
 	ControlSocket string
@@ -96,14 +99,36 @@ type service struct {
 
 // New loads the config; nothing runs before Start.
 func New(opts Options) (*Daemon, error) {
-	if opts.Log == nil {
-		opts.Log = zap.NewNop()
-	}
 	cfg, err := config.Load(opts.ConfigPath)
 	if err != nil {
 		return nil, fmt.Errorf("load config: %w", err)
 	}
+	if opts.Log == nil {
+		opts.Log = zap.NewNop()
+		if opts.LogTo != nil {
+			opts.Log = NewLogger(cfg.Log, opts.LogTo)
+		}
+	}
 	return &Daemon{opts: opts, log: opts.Log, cfg: cfg, services: map[string]*service{}}, nil
+}
+
+// NewLogger returns the logger a config's log block asks for (level debug,
+// info, warn or error; format console or json; validated by pkg/config).
+func NewLogger(l config.Log, w io.Writer) *zap.Logger {
+	var lvl zapcore.Level
+	if err := lvl.UnmarshalText([]byte(l.Level)); err != nil {
+		lvl = zapcore.InfoLevel
+	}
+	enc := zap.NewProductionEncoderConfig()
+	enc.EncodeTime = zapcore.ISO8601TimeEncoder
+	var e zapcore.Encoder
+	if l.Format == "json" {
+		e = zapcore.NewJSONEncoder(enc)
+	} else {
+		enc.EncodeLevel = zapcore.CapitalLevelEncoder
+		e = zapcore.NewConsoleEncoder(enc)
+	}
+	return zap.New(zapcore.NewCore(e, zapcore.Lock(zapcore.AddSync(w)), lvl))
 }
 
 // Log is the daemon's logger (for runners).

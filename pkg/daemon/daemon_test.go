@@ -231,3 +231,38 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// Without a logger from the command line, the config's log block decides
+// level and format.
+func TestLoggerFromConfig(t *testing.T) {
+	a := nameServer(t, "a")
+	path := filepath.Join(t.TempDir(), "lbctl.yaml")
+	writeConfig(t, path, "log: {level: warn, format: json}\nservices:\n"+tcpService("web", freePort(t), a))
+	var out syncBuffer
+	d, err := New(Options{ConfigPath: path, LogTo: &out})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Log().Info("quiet")
+	d.Log().Warn("loud")
+	if got := out.String(); strings.Contains(got, "quiet") || !strings.HasPrefix(got, `{"level":"warn"`) || !strings.Contains(got, `"msg":"loud"`) {
+		t.Fatalf("log output %q: want only the warning, as JSON", got)
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
