@@ -44,6 +44,7 @@ func scenarios() []scenario {
 		lbctlTransparentScenario,
 		lbctlDSRRouterScenario,
 		lbctlDSROriginScenario,
+		lbctlXDPScenario,
 		bpfScenario,
 	}
 }

@@ -178,12 +178,16 @@ func writeTable(w io.Writer, h header, rs []result) {
 	}
 	fmt.Fprintln(w)
 	cells := ratioCells(rs)
-	fmt.Fprintln(w)
-	fmt.Fprintln(w, "| load | path | rate | avg | p99 | ratios | note |")
-	fmt.Fprintln(w, "| --- | --- | ---: | ---: | ---: | --- | --- |")
+	var traffic bool
 	for i, r := range rs {
 		if r.unit == unitNsPacket {
 			continue
+		}
+		if !traffic {
+			fmt.Fprintln(w)
+			fmt.Fprintln(w, "| load | path | rate | avg | p99 | ratios | note |")
+			fmt.Fprintln(w, "| --- | --- | ---: | ---: | ---: | --- | --- |")
+			traffic = true
 		}
 		fmt.Fprintf(w, "| %s | %s | %s %s | %s | %s | %s | %s |\n", r.load, r.path, fmtRate(r.value), r.unit,
 			fmtLatency(r.avg), fmtLatency(r.p99), strings.Join(cells[i], "; "), r.note)
