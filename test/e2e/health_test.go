@@ -193,8 +193,9 @@ func (h *harness) dnsWorker(t *testing.T, vip netip.AddrPort) func() (func() (in
 var helloFrom = regexp.MustCompile(`^Hello from dev(\d)\.`)
 
 // httpWorker returns a function making one HTTP request from the client to
-// vip on a new connection, with the backend that answered.
-func (h *harness) httpWorker(vip netip.AddrPort) func() (func() (int, error), func()) {
+// vip on a new connection, with the backend that answered. The backend must
+// have seen the connection come from client (mode transparent).
+func (h *harness) httpWorker(vip netip.AddrPort, client netip.Addr) func() (func() (int, error), func()) {
 	return func() (func() (int, error), func()) {
 		one := func() (int, error) {
 			body, err := h.httpGet(vip)
@@ -204,6 +205,9 @@ func (h *harness) httpWorker(vip netip.AddrPort) func() (func() (int, error), fu
 			m := helloFrom.FindStringSubmatch(body)
 			if m == nil {
 				return 0, fmt.Errorf("unexpected body %q", body)
+			}
+			if !strings.Contains(body, "connected from "+client.String()+":") {
+				return 0, fmt.Errorf("upstream saw another address than the client's %s: %q", client, body)
 			}
 			b, _ := strconv.Atoi(m[1])
 			return b, nil
@@ -361,15 +365,15 @@ func TestHealthFailover(t *testing.T) {
 }
 
 // TestHealthFailoverTCP: HTTP over TCP with connections refused, through
-// mode proxy (mode transparent is not in lbctl run yet), a tcp check and
-// passive max_fails.
+// mode transparent (upstream connections from the client's address; the
+// checks still come from the LB's own), a tcp check and passive max_fails.
 func TestHealthFailoverTCP(t *testing.T) {
 	upstream := func(i int) netip.AddrPort { return netip.AddrPortFrom(topo.Backend4(i), 80) }
 	cfg := fmt.Sprintf(`services:
   - name: web
     protocol: tcp
     listen: %s
-    mode: proxy
+    mode: transparent
     upstreams: [%s, %s, %s, %s]
     health: {type: tcp, interval: %v, timeout: %v, rise: %d, fall: %d}
     passive: {max_fails: 1, fail_timeout: 1s, slow_start: %v}
@@ -378,7 +382,7 @@ func TestHealthFailoverTCP(t *testing.T) {
 	failover{
 		cfg: cfg, check: "", vip: netip.AddrPortFrom(topo.VIP4, 80), upstream: upstream, workers: 4,
 		worker: func(h *harness, t *testing.T) func() (func() (int, error), func()) {
-			return h.httpWorker(netip.AddrPortFrom(topo.VIP4, 80))
+			return h.httpWorker(netip.AddrPortFrom(topo.VIP4, 80), topo.Client4)
 		},
 	}.run(t)
 }
