@@ -114,3 +114,41 @@ func TestCheckerRemoveStopsChecks(t *testing.T) {
 		t.Fatalf("%d checks ran after Remove (at most the 2 in flight may finish)", after-before)
 	}
 }
+
+// TestCheckerJitter: 200 upstreams added at once get first checks spread
+// over the interval, and every later check lands within ±10% of it.
+func TestCheckerJitter(t *testing.T) {
+	c := NewChecker(CheckerOptions{Workers: 1, Dialer: &blockingDialer{}})
+	defer c.Close()
+	h := &config.Health{Type: "tcp", Interval: time.Hour, Timeout: time.Second, Rise: 1, Fall: 1}
+	tr, err := NewTracker(service(200, h, config.Passive{}), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	before := time.Now()
+	c.Add(tr)
+	c.mu.Lock()
+	var buckets [10]int
+	for _, j := range c.byT[tr] {
+		off := j.due.Sub(before)
+		if off < 0 || off > h.Interval+time.Second {
+			c.mu.Unlock()
+			t.Fatalf("first check %v after Add, want within the interval %v", off, h.Interval)
+		}
+		buckets[min(9, int(off*10/h.Interval))]++
+	}
+	c.mu.Unlock()
+	c.Remove(tr)
+	for i, n := range buckets {
+		// 20 expected per tenth; all in a few tenths would be lockstep.
+		if n == 0 || n > 60 {
+			t.Fatalf("first checks per tenth of the interval %v: not spread (tenth %d)", buckets, i)
+		}
+	}
+	for range 10000 {
+		if j := randJitter(time.Second); j < -100*time.Millisecond || j > 100*time.Millisecond {
+			t.Fatalf("jitter %v outside ±10%% of 1s", j)
+		}
+	}
+}
