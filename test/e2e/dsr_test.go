@@ -22,7 +22,10 @@ import (
 
 // dsrConfig is DNS with direct server return on the VIP, IPv4 (dns4) and
 // IPv6 (dns6), to the four backends, with nat router or origin.
-func dsrConfig(nat string) string {
+func dsrConfig(nat string) string { return dsrConfigN(nat, 4) }
+
+// dsrConfigN is dsrConfig with backends 1..n as upstreams.
+func dsrConfigN(nat string, n int) string {
 	var b strings.Builder
 	b.WriteString("services:\n")
 	for _, fam := range []struct {
@@ -34,7 +37,7 @@ func dsrConfig(nat string) string {
 		fmt.Fprintf(&b, "  - name: %s\n    protocol: udp\n    listen: \"%s\"\n    mode: dsr\n    dsr: {nat: %s}\n",
 			fam.name, netip.AddrPortFrom(fam.vip, 53), nat)
 		fmt.Fprintf(&b, "    health: {type: dns, query: www.example.com, qtype: %s, interval: 1s}\n    upstreams:\n", fam.qtype)
-		for i := 1; i <= 4; i++ {
+		for i := 1; i <= n; i++ {
 			fmt.Fprintf(&b, "      - \"%s\"\n", netip.AddrPortFrom(fam.backend(i), 53))
 		}
 	}
@@ -127,7 +130,10 @@ func backendOf(fam dsrFamily, a netip.Addr) int {
 
 // checkRotation asks 8 times from one socket: every answer comes from
 // VIP:53 and names backends in turn, each of the four twice.
-func (h *harness) checkRotation(t *testing.T, fam dsrFamily) {
+func (h *harness) checkRotation(t *testing.T, fam dsrFamily) { h.checkRotationN(t, fam, 4) }
+
+// checkRotationN is checkRotation over backends 1..n.
+func (h *harness) checkRotationN(t *testing.T, fam dsrFamily, n int) {
 	t.Helper()
 	vip := netip.AddrPortFrom(fam.vip, 53)
 	c := h.newDNSClient(t, netip.AddrPortFrom(fam.client, 0), vip)
@@ -141,13 +147,13 @@ func (h *harness) checkRotation(t *testing.T, fam dsrFamily) {
 			t.Fatalf("%s query #%d: answer from %s, want %s", fam.name, k, from, vip)
 		}
 		i := backendOf(fam, got)
-		if i == 0 {
-			t.Fatalf("%s query #%d: answer %s is no backend's address", fam.name, k, got)
+		if i == 0 || i > n {
+			t.Fatalf("%s query #%d: answer %s is not the address of backend 1..%d", fam.name, k, got, n)
 		}
 		seq = append(seq, i)
 	}
 	for k := 1; k < len(seq); k++ {
-		if seq[k] != seq[k-1]%4+1 {
+		if seq[k] != seq[k-1]%n+1 {
 			t.Fatalf("%s answers came from backends %v: not each in turn", fam.name, seq)
 		}
 	}
@@ -322,6 +328,29 @@ func TestDSRRouterNAT(t *testing.T) {
 		t.Logf("%d of %d queries answered; lbctl run had %d files before, %d after", got, n, before, after)
 		if after > before {
 			t.Errorf("lbctl run holds %d files after %d queries from 50 ports, %d before", after, n, before)
+		}
+	})
+
+	// SIGHUP down to two upstreams: their rules stay, the others go, and
+	// the answers alternate between dev1 and dev2.
+	t.Run("reload", func(t *testing.T) {
+		if !l.reload(t, dsrConfigN("router", 2)) {
+			t.Fatalf("reload failed:\n%s", l.out.String())
+		}
+		out, err := h.LB.Run(binary(t, "lbctl"), "--bpffs", h.LB.BPFFS, "snat", "list")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var srcs []string
+		for _, line := range strings.Split(strings.TrimSpace(out), "\n")[1:] {
+			srcs = append(srcs, strings.Fields(line)[0])
+		}
+		want := []string{"198.19.16.11/32", "198.19.16.12/32", "2001:db8:16::11/128", "2001:db8:16::12/128"}
+		if strings.Join(srcs, " ") != strings.Join(want, " ") {
+			t.Errorf("snat rules after the reload: %v, want %v", srcs, want)
+		}
+		for _, fam := range dsrFamilies {
+			h.checkRotationN(t, fam, 2)
 		}
 	})
 
