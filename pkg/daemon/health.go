@@ -45,17 +45,24 @@ type upstreamHealth struct {
 // may be nil for runners without a Go pool). Once started, the new
 // tracker's checks run at once and the previous one's stop.
 func (h *upstreamHealth) attach(svc config.Service, pool *proxy.Pool) error {
+	tr, err := h.attachLocked(svc, pool)
+	if err == nil && h.onChange != nil {
+		h.onChange(tr) // outside h.mu: it may read h.Tracker()
+	}
+	return err
+}
+
+func (h *upstreamHealth) attachLocked(svc config.Service, pool *proxy.Pool) (*health.Tracker, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	tr, err := health.NewTracker(svc, health.Options{Log: h.d.log.Named("health"), Previous: h.tr})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if pool != nil {
 		pool.SetHealth(tr.ForBalancer())
 	}
 	if fn := h.onChange; fn != nil {
-		fn(tr)
 		tr.Subscribe(func(health.Change) { fn(tr) })
 	}
 	if h.started {
@@ -63,7 +70,7 @@ func (h *upstreamHealth) attach(svc config.Service, pool *proxy.Pool) error {
 	}
 	h.retireLocked()
 	h.tr = tr
-	return nil
+	return tr, nil
 }
 
 // start runs the checks of the current tracker.
