@@ -330,7 +330,8 @@ func (h *transparentHost) noReply(svc string, proto dataplane.Proto, client, ups
 	if n != 0 && (!checked || n != prev) {
 		return // replies from it did reach the LB
 	}
-	if !errors.Is(cerr, os.ErrDeadlineExceeded) && !errors.Is(cerr, context.DeadlineExceeded) {
+	udp := errors.Is(cerr, proxy.ErrNoReply)
+	if !udp && !errors.Is(cerr, os.ErrDeadlineExceeded) && !errors.Is(cerr, context.DeadlineExceeded) {
 		return // refused or unreachable: an answer, not silence
 	}
 	if t, ok := h.warned[k]; ok && time.Since(t) < time.Minute {
@@ -345,8 +346,12 @@ func (h *transparentHost) noReply(svc string, proto dataplane.Proto, client, ups
 	if upstream.Addr().Is6() {
 		ipcmd = "ip -6"
 	}
-	h.log.Error(fmt.Sprintf("doctor: transparent service %s: upstream %s got the connection from %s but no reply from it came back through the LB (steer saw %d packets from it): its default route most likely does not point at the LB. On %s run: %s route replace default via %s",
-		svc, upstream, client, n, upstream.Addr(), ipcmd, gw),
+	what, cause := "got the connection", "its default route most likely does not point at the LB"
+	if udp {
+		what, cause = "was sent datagrams", "either nothing answers on that port, or its default route does not point at the LB"
+	}
+	h.log.Error(fmt.Sprintf("doctor: transparent service %s: upstream %s %s from %s but no reply from it came back through the LB (steer saw %d packets from it): %s. On %s run: %s route replace default via %s",
+		svc, upstream, what, client, n, cause, upstream.Addr(), ipcmd, gw),
 		zap.String("service", svc), zap.Stringer("upstream", upstream), zap.Uint64("steered", n), zap.Error(cerr))
 }
 

@@ -17,6 +17,10 @@ import (
 // address anywhere else.
 var ErrNotUpstream = errors.New("not a configured upstream: refusing to send from the client's address")
 
+// ErrNoReply is what OnDialFailed gets for a UDP session that ended
+// without the replies it waited for.
+var ErrNoReply = errors.New("no reply from the upstream")
+
 // TransparentDialer makes the upstream sockets of mode transparent
 // (nginx: proxy_bind $remote_addr transparent): IP_TRANSPARENT /
 // IPV6_TRANSPARENT sockets bound to the client's address before connect
@@ -34,12 +38,16 @@ type TransparentDialer struct {
 	// Interface binds upstream sockets to a device (SO_BINDTODEVICE); "" =
 	// the routing table decides.
 	Interface string
-	// OnDialFailed, if set, is called after a TCP connect failed (the
-	// daemon's doctor-style watchdog: did the upstream's replies reach
-	// the LB at all?). It must not block.
+	// OnDialFailed, if set, is called after a TCP connect failed, and
+	// with ErrNoReply when a UDP session ended without the replies it
+	// waited for (the daemon's doctor-style watchdog: did the upstream's
+	// replies reach the LB at all?). It must not block.
 	OnDialFailed func(client, upstream netip.AddrPort, err error)
 
 	upstreams atomic.Pointer[map[netip.AddrPort]bool]
+	// kernelPort skips the client's port (BenchmarkTransparentDial's
+	// comparison of the two ways).
+	kernelPort bool
 
 	// SamePort counts sockets that got the client's own port, OtherPort
 	// those that fell back to a kernel-chosen port.
@@ -132,7 +140,12 @@ func (d *TransparentDialer) DialTCP(ctx context.Context, client, upstream netip.
 	}
 	v6 := client.Addr().Is6()
 	nd := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(client), Control: d.control(v6, false)}
-	c, err := nd.DialContext(ctx, "tcp", upstream.String())
+	var c net.Conn
+	if d.kernelPort {
+		err = unix.EADDRNOTAVAIL
+	} else {
+		c, err = nd.DialContext(ctx, "tcp", upstream.String())
+	}
 	if err != nil && portTaken(err) && ctx.Err() == nil {
 		nd = net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(client.Addr(), 0)), Control: d.control(v6, true)}
 		if c, err = nd.DialContext(ctx, "tcp", upstream.String()); err == nil {
@@ -210,4 +223,11 @@ func (d *TransparentDialer) dialUDP(local, upstream netip.AddrPort, v6 bool) (*n
 
 // ReleaseUDP implements Dialer: a transparent socket belongs to one client
 // and is never reused.
-func (d *TransparentDialer) ReleaseUDP(c *net.UDPConn, _ netip.AddrPort, _ bool) { c.Close() }
+func (d *TransparentDialer) ReleaseUDP(c *net.UDPConn, upstream netip.AddrPort, clean bool) {
+	if !clean && d.OnDialFailed != nil {
+		if la, ok := c.LocalAddr().(*net.UDPAddr); ok {
+			d.OnDialFailed(unmapAP(la.AddrPort()), unmapAP(upstream), ErrNoReply)
+		}
+	}
+	c.Close()
+}

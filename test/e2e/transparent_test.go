@@ -355,6 +355,11 @@ func TestTransparentNoRouteBack(t *testing.T) {
 		t.Errorf("GET answered although the upstream's replies cannot come back: %q", body)
 	}
 	l.waitOutput(t, "upstream 198.19.16.11:80 got the connection from", 1)
+	// UDP: the session times out (2s) without a reply.
+	if _, _, text, err := h.whoAmI(netip.AddrPortFrom(topo.VIP4, 9)); err == nil {
+		t.Errorf("UDP answered although the upstream's replies cannot come back: %q", text)
+	}
+	l.waitOutput(t, "upstream 198.19.16.11:9 was sent datagrams from", 1)
 	out := l.out.String()
 	for _, want := range []string{"default route most likely does not point at the LB", "ip route replace default via 198.19.16.1"} {
 		if !strings.Contains(out, want) {
