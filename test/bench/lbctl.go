@@ -108,7 +108,7 @@ func (e *env) lbctlSupports(ctx context.Context, o lbctlOptions) string {
 	if err != nil {
 		return err.Error()
 	}
-	f := filepath.Join(e.dir, "check-"+o.mode+"-"+o.nat+".yaml")
+	f := filepath.Join(e.dir, "check-"+slug(o.mode, o.nat)+".yaml")
 	if err := os.WriteFile(f, []byte(text), 0o644); err != nil {
 		return err.Error()
 	}

@@ -33,12 +33,12 @@ func measureLines(ctx context.Context, steps ...step) ([]result, error) {
 // slug turns a path and load into a file-name part: "lbctl-proxy-dns-udp4".
 func slug(parts ...string) string {
 	s := strings.ToLower(strings.Join(parts, "-"))
-	return strings.Map(func(r rune) rune {
+	return strings.Trim(strings.Map(func(r rune) rune {
 		if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' {
 			return r
 		}
 		return '-'
-	}, s)
+	}, s), "-")
 }
 
 // dnsStep runs dnsperf against servers (split evenly) as line (path, load).

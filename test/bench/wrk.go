@@ -164,7 +164,7 @@ func (e *env) wrk(ctx context.Context, label string, close bool, servers ...neti
 func httpLine(path, load string, r wrkResult) result {
 	note := ""
 	if r.errors > 0 {
-		note = fmt.Sprintf("%d errors", r.errors)
+		note = fmt.Sprintf("wrk errors: %d", r.errors)
 	}
 	return result{path: path, load: load, value: r.rps, unit: "req/s", avg: r.avg, p99: r.p99, note: note}
 }

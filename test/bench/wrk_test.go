@@ -37,7 +37,7 @@ func TestParseWrkErrors(t *testing.T) {
 	if r.errors != 23 {
 		t.Errorf("errors = %d, want 23", r.errors)
 	}
-	if l := httpLine(pNginx, lHTTPNew, r); l.note != "23 errors" || l.unit != "req/s" {
+	if l := httpLine(pNginx, lHTTPNew, r); l.note != "wrk errors: 23" || l.unit != "req/s" {
 		t.Errorf("line %+v", l)
 	}
 	for name, bad := range map[string]string{
