@@ -169,11 +169,14 @@ func bench(ctx context.Context, log *zap.Logger, o *options, stdout io.Writer) (
 	if err != nil {
 		return err
 	}
+	log.Info("topology up", zap.String("namespaces", "lbt-"+t.ID+"-*"))
 	e := &env{log: log, topo: t, dir: dir, duration: o.duration, lbctl: o.lbctl, dpTest: o.dpTest, loads: o.loads}
 	defer func() {
 		e.undo(0)
 		if cerr := t.Close(); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("remove topology: %w", cerr))
+		} else {
+			log.Info("topology removed", zap.String("namespaces", "lbt-"+t.ID+"-*"))
 		}
 	}()
 	if err := e.prepare(ctx, o.backend); err != nil {
