@@ -36,6 +36,7 @@ var implementedModes = map[Mode]bool{
 	ModeProxy:       true,
 	ModeTransparent: true,
 	ModeDSR:         true,
+	ModeXDP:         true,
 }
 
 // Protocol is the transport of a service.

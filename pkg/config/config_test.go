@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -405,6 +406,18 @@ services:
 			`t.yaml:6: services[0].balance: mode xdp always balances with a Maglev consistent hash; balance must be hash or absent`,
 			`t.yaml:7: services[0].timeout: does not apply to mode xdp: the kernel forwards each packet, no session or socket is kept`,
 		}},
+		{"xdp with an upstream interface and too many upstreams", `
+services:
+  - name: web
+    listen: 198.18.98.10:80
+    mode: xdp
+    interface: eth1
+    upstreams: [` + manyUpstreams(656) + `]
+    health: {type: tcp}
+`, []string{
+			`t.yaml:6: services[0].interface: does not apply to mode xdp: the next hop comes from the routing table (bpf_fib_lookup)`,
+			`t.yaml:7: services[0].upstreams: mode xdp takes at most 655 upstreams (100 Maglev slots each in a 65537-slot table), got 656`,
+		}},
 		{"transparent udp with responses 0", `
 services:
   - name: dns
@@ -522,6 +535,15 @@ services:
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("problems:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
+}
+
+// manyUpstreams lists n distinct upstreams 198.19.X.Y:80.
+func manyUpstreams(n int) string {
+	var s []string
+	for i := range n {
+		s = append(s, fmt.Sprintf("198.19.%d.%d:80", 16+i/200, 1+i%200))
+	}
+	return strings.Join(s, ", ")
 }
 
 // TestModeGate: every mode the schema knows either parses (implemented) or

@@ -287,8 +287,18 @@ func (d *decoder) modeRules(p string, s *Service) {
 		if d.has(f("balance")) && s.Balance != Hash {
 			d.at(f("balance"), "mode xdp always balances with a Maglev consistent hash; balance must be hash or absent")
 		}
+		if d.has(f("interface")) {
+			d.at(f("interface"), "does not apply to mode xdp: the next hop comes from the routing table (bpf_fib_lookup)")
+		}
+		if n := len(s.Upstreams); n > maxXDPUpstreams {
+			d.at(f("upstreams"), "mode xdp takes at most %d upstreams (100 Maglev slots each in a 65537-slot table), got %d", maxXDPUpstreams, n)
+		}
 	}
 }
+
+// maxXDPUpstreams keeps 100 slots per upstream in the XDP program's
+// 65537-slot Maglev table (pkg/dataplane.XDPTableSize).
+const maxXDPUpstreams = 655
 
 // svcUp is the field path of upstream i of the service at p.
 func (d *decoder) svcUp(p string, i int) string {

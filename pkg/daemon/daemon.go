@@ -17,6 +17,7 @@ import (
 	"os/signal"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -61,6 +62,8 @@ func newRunner(d *Daemon, svc config.Service) (runner, error) {
 		return newTransparentRunner(d, svc)
 	case config.ModeDSR:
 		return newDSRRunner(d, svc)
+	case config.ModeXDP:
+		return newXDPRunner(d, svc)
 	}
 	return nil, fmt.Errorf("service %s: mode %s cannot run yet (use mode proxy)", svc.Name, svc.Mode)
 }
@@ -90,6 +93,8 @@ type Daemon struct {
 	checks    *health.Checker // the health-check pool of every service (health.go)
 
 	ops ops // control socket and metrics (control.go)
+
+	exiting atomic.Bool // Shutdown began: mode xdp leaves its forwarding in place (xdp.go)
 }
 
 type service struct {
@@ -285,6 +290,7 @@ func (d *Daemon) drainLocked(s *service, timeout time.Duration) {
 // Shutdown stops accepting on every service, drains open connections for
 // up to drain_timeout, then undoes the host-wide set-up.
 func (d *Daemon) Shutdown() error {
+	d.exiting.Store(true)
 	d.mu.Lock()
 	timeout := d.cfg.DrainTimeout
 	d.log.Info("draining", zap.Duration("drain_timeout", timeout))
@@ -326,6 +332,7 @@ type ServiceStatus struct {
 	Stats     proxy.Stats            `json:"stats"`
 	Upstreams []proxy.UpstreamStatus `json:"upstreams"`
 	Health    []health.Status        `json:"health,omitempty"` // per upstream: state, since, last check
+	XDP       *XDPStatus             `json:"xdp,omitempty"`    // mode xdp: table generation, shares (xdp.go)
 }
 
 // Status returns a snapshot of the running services, in config order.

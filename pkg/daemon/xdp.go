@@ -1,0 +1,216 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+
+	"go.uber.org/zap"
+
+	"github.com/lbctl/lbctl/pkg/balance"
+	"github.com/lbctl/lbctl/pkg/config"
+	"github.com/lbctl/lbctl/pkg/dataplane"
+	"github.com/lbctl/lbctl/pkg/health"
+	"github.com/lbctl/lbctl/pkg/netconf"
+)
+
+// XDPStatus is what the XDP program does for one service (lbctl status).
+type XDPStatus struct {
+	Interface  string                      `json:"interface"`
+	AttachMode dataplane.XDPMode           `json:"attach_mode"` // native or generic
+	Generation uint32                      `json:"generation"`  // table swaps so far
+	Packets    uint64                      `json:"packets"`
+	Bytes      uint64                      `json:"bytes"`
+	Backends   []dataplane.XDPBackendState `json:"backends"` // slots: share of the Maglev table
+}
+
+// newXDPRunner runs a service in mode xdp: the xdp_lb program on the
+// client-facing interface forwards the service's packets in the kernel, to
+// a backend picked by a Maglev table this runner rebuilds on every health
+// or config change. No socket is opened for the service.
+//
+// The forwarding outlives the daemon: on exit (and on a crash) the program,
+// its tables, forwarding and router NAT stay, so an upgrade loses no
+// packet; a new daemon adopts the pinned state, and `lbctl detach IFACE`
+// removes it. A service that a reload removes is removed from the program.
+func newXDPRunner(d *Daemon, svc config.Service) (runner, error) {
+	proto, err := dataplane.ParseProto(string(svc.Protocol))
+	if err != nil {
+		return nil, fmt.Errorf("service %s: %w", svc.Name, err)
+	}
+	r := &xdpRunner{d: d, svc: svc}
+	r.key = dataplane.XDPService{VIP: svc.Listen, Proto: proto}
+	r.health = upstreamHealth{d: d, onChange: r.fillTable}
+	return r, nil
+}
+
+type xdpRunner struct {
+	d      *Daemon
+	key    dataplane.XDPService
+	health upstreamHealth
+
+	mu      sync.Mutex // serialises table builds and guards below
+	svc     config.Service
+	ifname  string
+	mode    dataplane.XDPMode
+	gen     uint32
+	claim   *natClaim
+	started bool
+}
+
+func (r *xdpRunner) open() (*dataplane.Dataplane, error) {
+	dp, err := dataplane.Open(dataplane.Options{Root: r.d.BPFFS(), Log: r.d.Log(), ClsBPF: netconfCls{}})
+	if err != nil {
+		return nil, fmt.Errorf("service %s: %w", r.svc.Name, err)
+	}
+	return dp, nil
+}
+
+func (r *xdpRunner) Start(ctx context.Context) error {
+	log := r.d.Log().With(zap.String("service", r.svc.Name))
+	vip := r.svc.Listen.Addr().Unmap()
+	ifaces, err := netconf.ClientInterfaces(vip)
+	if err != nil {
+		return fmt.Errorf("service %s: %w", r.svc.Name, err)
+	}
+	// bpf_fib_lookup (and the stack, for the first packets before a
+	// neighbour is known) forward only where forwarding is on. Not
+	// restored at exit: forwarding outlives the daemon.
+	if _, err := netconf.EnableForwarding(netconf.ForwardingSysctl(vip)); err != nil {
+		return fmt.Errorf("service %s: %w", r.svc.Name, err)
+	}
+	var claim *natClaim
+	if r.svc.DSR.NAT == "router" {
+		if claim, err = r.d.routerNAT().acquire(r.svc); err != nil {
+			return err
+		}
+	}
+	dp, err := r.open()
+	if err != nil {
+		return err
+	}
+	mode, err := dp.AttachXDP(ifaces[0], dataplane.XDPAuto)
+	dp.Close()
+	if err != nil {
+		return fmt.Errorf("service %s: %w", r.svc.Name, err)
+	}
+	log.Info("xdp_lb attached", zap.String("interface", ifaces[0]), zap.String("xdp_mode", string(mode)))
+	r.mu.Lock()
+	r.ifname, r.mode, r.claim, r.started = ifaces[0], mode, claim, true
+	r.mu.Unlock()
+	// The first table comes from the tracker's initial state (every
+	// upstream up but those marked down), as the pinned one did: a restart
+	// swaps in an equal table.
+	if err := r.health.attach(r.svc, nil); err != nil {
+		return err
+	}
+	r.health.start()
+	return nil
+}
+
+// fillTable rebuilds the service's Maglev table from the tracker's view
+// (eligible upstreams, effective weights) and swaps it in.
+func (r *xdpRunner) fillTable(tr *health.Tracker) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.started || tr.Len() != len(r.svc.Upstreams) {
+		return
+	}
+	for i, u := range r.svc.Upstreams {
+		if tr.Addr(i) != u.Addr {
+			return // a retired tracker's late change: the current one rules
+		}
+	}
+	ups := make([]balance.Upstream, tr.Len())
+	backends := make([]netip.AddrPort, tr.Len())
+	for i := range ups {
+		cfg := r.svc.Upstreams[i]
+		ups[i] = balance.Upstream{Addr: tr.Addr(i), Weight: tr.Weight(i), Backup: cfg.Backup, Down: !tr.Eligible(i)}
+		backends[i] = tr.Addr(i)
+	}
+	table := balance.MaglevTable(ups, dataplane.XDPTableSize)
+	log := r.d.Log().With(zap.String("service", r.svc.Name))
+	dp, err := r.open()
+	if err != nil {
+		log.Error("rebuild xdp table", zap.Error(err))
+		return
+	}
+	defer dp.Close()
+	gen, err := dp.SetXDPService(r.key, backends, table)
+	if err != nil {
+		log.Error("rebuild xdp table", zap.Error(err))
+		return
+	}
+	r.gen = gen
+	log.Debug("xdp table swapped in", zap.Uint32("generation", gen))
+}
+
+func (r *xdpRunner) Update(svc config.Service) error {
+	var claim *natClaim
+	var err error
+	if svc.DSR.NAT == "router" {
+		if claim, err = r.d.routerNAT().acquire(svc); err != nil {
+			return err
+		}
+	}
+	r.mu.Lock()
+	old := r.claim
+	r.svc, r.claim = svc, claim
+	r.mu.Unlock()
+	if err := r.health.attach(svc, nil); err != nil {
+		return err
+	}
+	return r.d.routerNAT().release(old)
+}
+
+// Stop ends the health checks. On daemon exit the forwarding stays (see
+// newXDPRunner); a service removed by a reload leaves the program, and its
+// router NAT claim is released.
+func (r *xdpRunner) Stop(ctx context.Context) error {
+	r.health.stop()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.started = false
+	if r.d.exiting.Load() {
+		r.d.Log().Info("xdp forwarding stays after exit; lbctl detach IFACE removes it",
+			zap.String("service", r.svc.Name), zap.String("interface", r.ifname))
+		return nil
+	}
+	dp, err := r.open()
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	err = dp.DelXDPService(r.key)
+	if errors.Is(err, dataplane.ErrNoService) {
+		err = nil
+	}
+	c := r.claim
+	r.claim = nil
+	return errors.Join(err, r.d.routerNAT().release(c))
+}
+
+func (r *xdpRunner) Status() ServiceStatus {
+	r.mu.Lock()
+	svc, ifname, mode, gen := r.svc, r.ifname, r.mode, r.gen
+	r.mu.Unlock()
+	st := ServiceStatus{
+		Name: svc.Name, Protocol: string(svc.Protocol), Listen: svc.Listen.String(),
+		Mode: string(svc.Mode), Balance: balance.Hash, Health: r.health.snapshot(),
+	}
+	x := &XDPStatus{Interface: ifname, AttachMode: mode, Generation: gen}
+	if dp, err := r.open(); err == nil {
+		if ss, err := dp.XDPServices(); err == nil {
+			for _, s := range ss {
+				if s.XDPService == r.key {
+					x.Generation, x.Packets, x.Bytes, x.Backends = s.Generation, s.Packets, s.Bytes, s.Backends
+				}
+			}
+		}
+		dp.Close()
+	}
+	st.XDP = x
+	return st
+}
