@@ -36,7 +36,7 @@ func dsrConfigN(nat string, n int) string {
 	}{{"dns4", topo.VIP4, topo.Backend4, "A"}, {"dns6", topo.VIP6, topo.Backend6, "AAAA"}} {
 		fmt.Fprintf(&b, "  - name: %s\n    protocol: udp\n    listen: \"%s\"\n    mode: dsr\n    dsr: {nat: %s}\n",
 			fam.name, netip.AddrPortFrom(fam.vip, 53), nat)
-		fmt.Fprintf(&b, "    health: {type: dns, query: www.example.com, qtype: %s, interval: 1s}\n    upstreams:\n", fam.qtype)
+		fmt.Fprintf(&b, "    health: {type: dns, query: www.example.com, qtype: %s, interval: 2s, timeout: 1500ms, fall: 3}\n    upstreams:\n", fam.qtype)
 		for i := 1; i <= n; i++ {
 			fmt.Fprintf(&b, "      - \"%s\"\n", netip.AddrPortFrom(fam.backend(i), 53))
 		}
