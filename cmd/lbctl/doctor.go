@@ -166,3 +166,16 @@ func (b doctorBPF) SNATRules() ([]netconf.SNATRule, error) {
 	}
 	return out, err
 }
+
+func (b doctorBPF) SteerPackets(proto string, upstream netip.AddrPort) (uint64, bool, error) {
+	p, err := dataplane.ParseProto(proto)
+	if err != nil {
+		return 0, false, err
+	}
+	dp, err := b.open()
+	if dp == nil || err != nil {
+		return 0, false, err
+	}
+	defer dp.Close()
+	return dp.SteerUpstreamPackets(p, upstream)
+}

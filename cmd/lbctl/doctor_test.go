@@ -100,7 +100,10 @@ func TestDoctor(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	// backend1 serves web (transparent); backend2 rewrites its own replies.
+	// backend1 serves web (transparent): its replies to clients must go
+	// through the LB, so it loses the topology's origin-NAT public route;
+	// backend2 rewrites its own replies.
+	mustRun(t, b1, "ip", "route", "del", "198.18.99.0/24")
 	if err := b1.Do(func() error {
 		l, err := net.Listen("tcp", "198.19.16.11:80")
 		if err == nil {
@@ -125,12 +128,15 @@ func TestDoctor(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// On the LB, --client gives the clients' network: the return path of
+	// the transparent service is probed from a client's address.
+	lbArgs := []string{"--client", "198.18.99.0/24"}
 	hosts := []struct {
 		h    *topo.Host
 		args []string
 	}{
-		{lb, nil},
-		{b1, []string{"--upstream", "--lb", "198.19.16.1"}},
+		{lb, lbArgs},
+		{b1, []string{"--upstream", "--lb", "198.19.16.1", "--client", "198.18.99.0/24"}},
 		{b2, []string{"--upstream", "--lb", "198.19.16.1"}},
 	}
 	healthy := func(when string) {
@@ -141,9 +147,10 @@ func TestDoctor(t *testing.T) {
 				t.Errorf("%s: doctor on %s: exit %d, want 0 and no FAIL:\n%s", when, h.h.Role, code, out)
 			}
 		}
-		code, out := doctorIn(t, lb, cfg)
+		code, out := doctorIn(t, lb, cfg, lbArgs...)
 		for _, want := range []string{"PASS  privileges", "attached snat eth0", "policy rule ipv4", "local route ipv4",
-			"forwarding ipv4", "subnets web", "upstream 198.19.16.11:80/tcp", "upstream 198.19.16.13:53/udp"} {
+			"forwarding ipv4", "subnets web", "upstream 198.19.16.11:80/tcp", "upstream 198.19.16.13:53/udp",
+			"PASS  return path web 198.19.16.11:80"} {
 			if code != 0 || !strings.Contains(out, want) {
 				t.Errorf("%s: doctor on the LB does not report %q:\n%s", when, want, out)
 			}
@@ -157,7 +164,8 @@ func TestDoctor(t *testing.T) {
 		args        []string
 		break_, fix [][]string
 		want        string
-		fails       int // FAIL lines expected; 0 means 1
+		fails       int        // FAIL lines expected; 0 means 1
+		on          *topo.Host // where break_ and fix run, if not host
 	}{
 		{
 			name: "rp_filter strict on the interface origin-NAT datagrams arrive on",
@@ -172,6 +180,7 @@ func TestDoctor(t *testing.T) {
 			break_: [][]string{{"ip", "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", "4194"}},
 			fix:    [][]string{{"ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "4194"}},
 			want:   "local route ipv4",
+			fails:  2, // and the return path it breaks
 		},
 		{
 			name:   "missing policy rule",
@@ -179,6 +188,14 @@ func TestDoctor(t *testing.T) {
 			break_: [][]string{{"ip", "rule", "del", "fwmark", "0x1062", "lookup", "4194"}},
 			fix:    [][]string{{"ip", "rule", "add", "fwmark", "0x1062", "lookup", "4194"}},
 			want:   "policy rule ipv4",
+			fails:  2, // and the return path it breaks
+		},
+		{
+			name: "transparent replies not coming back: the backend's default route bypasses the LB",
+			host: lb, args: lbArgs, on: b1,
+			break_: [][]string{{"ip", "route", "replace", "default", "via", "198.19.16.254"}},
+			fix:    [][]string{{"ip", "route", "replace", "default", "via", "198.19.16.1"}},
+			want:   "return path web 198.19.16.11:80",
 		},
 		{
 			name: "backend default route not via the LB",
@@ -186,6 +203,7 @@ func TestDoctor(t *testing.T) {
 			break_: [][]string{{"ip", "route", "replace", "default", "via", "198.19.16.254"}},
 			fix:    [][]string{{"ip", "route", "replace", "default", "via", "198.19.16.1"}},
 			want:   "default route ipv4",
+			fails:  2, // and the route to the clients (--client), which is the default one
 		},
 		{
 			name:   "client network overlapping the upstreams'",
@@ -238,12 +256,19 @@ func TestDoctor(t *testing.T) {
 				}
 				return
 			}
+			on := v.host
+			if v.on != nil {
+				on = v.on
+			}
 			for _, c := range v.break_ {
-				mustRun(t, v.host, c...)
+				mustRun(t, on, c...)
+			}
+			if v.host == lb && v.args == nil {
+				v.args = lbArgs
 			}
 			code, out := doctorIn(t, v.host, cfg, v.args...)
 			for _, c := range v.fix {
-				mustRun(t, v.host, c...)
+				mustRun(t, on, c...)
 			}
 			if code != 1 || !failLine(out, v.want) {
 				t.Errorf("exit %d, want 1 and a FAIL line for %q:\n%s", code, v.want, out)

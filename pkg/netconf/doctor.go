@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -85,6 +86,9 @@ type BPFState interface {
 	Attached() ([]Attached, error)
 	// SNATRules lists the snat rules; no pinned state is no rule.
 	SNATRules() ([]SNATRule, error)
+	// SteerPackets returns the replies steer marked from upstream (of
+	// protocol tcp or udp), and whether steer knows the upstream at all.
+	SteerPackets(proto string, upstream netip.AddrPort) (n uint64, steered bool, err error)
 }
 
 // DoctorOptions says what to check.
@@ -131,6 +135,7 @@ func Doctor(ctx context.Context, o DoctorOptions) []Check {
 	d.subnets()
 	d.rpFilterLB()
 	d.reachable(ctx)
+	d.returnPath(ctx)
 	return d.out
 }
 
@@ -470,16 +475,14 @@ func (d *doctor) subnets() {
 	}
 }
 
-// clientPrefixes returns the client networks of s: --client, else the
-// prefixes on the interface holding the listen address.
+// clientPrefixes returns the client networks of s: --client, and the
+// prefixes on the interface holding the listen address (clients may sit
+// on the VIP's network).
 func (d *doctor) clientPrefixes(s Service) ([]netip.Prefix, string) {
 	cif := d.clientIface(s)
-	if len(d.o.Clients) > 0 {
-		return d.o.Clients, cif
-	}
-	var out []netip.Prefix
+	out := append([]netip.Prefix(nil), d.o.Clients...)
 	if cif == "" {
-		return nil, ""
+		return out, ""
 	}
 	l, err := netlink.LinkByName(cif)
 	if err != nil {
@@ -540,11 +543,18 @@ func rpFix(ifname string) string {
 // rpCheck checks that ifname, receiving packets from sources, passes them:
 // strict rp_filter drops a packet whose source is routed out of another
 // interface.
-func (d *doctor) rpCheck(ifname string, sources []netip.Addr, what string) {
+func (d *doctor) rpCheck(ifname string, sources []netip.Addr, what string, steered bool) {
 	name := "rp_filter " + ifname
 	v, err := rpFilter(ifname)
 	if err != nil {
 		d.add(name, Warn, "", "%v", err)
+		return
+	}
+	vmAll, _ := Sysctl("net.ipv4.conf.all.src_valid_mark")
+	vmOne, _ := Sysctl("net.ipv4.conf." + ifname + ".src_valid_mark")
+	if steered && v != 0 && (vmAll == "1" || vmOne == "1") {
+		d.add(name, Fail, fmt.Sprintf("sysctl -w net.ipv4.conf.%s.rp_filter=0 net.ipv4.conf.all.rp_filter=0 (lbctl run sets conf.%s itself)", ifname, ifname),
+			"%s with src_valid_mark on: the reverse-path lookup carries steer's mark, finds the local route and drops every steered reply", rpName(v))
 		return
 	}
 	if v != 1 {
@@ -590,6 +600,7 @@ func (d *doctor) rpFilterLB() {
 	type iface struct {
 		sources []netip.Addr
 		what    []string
+		steered bool // transparent replies arrive here
 	}
 	ifs := map[string]*iface{}
 	var order []string
@@ -623,11 +634,15 @@ func (d *doctor) rpFilterLB() {
 			addSrc(cif, c.Addr(), "client traffic")
 		}
 		for _, u := range s.Upstreams {
-			addSrc(d.upstreamIface(s, u.Addr()), u.Addr(), "upstream traffic")
+			ifname := d.upstreamIface(s, u.Addr())
+			addSrc(ifname, u.Addr(), "upstream traffic")
+			if i := ifs[ifname]; i != nil && s.Mode == "transparent" {
+				i.steered = true
+			}
 		}
 	}
 	for _, name := range order {
-		d.rpCheck(name, ifs[name].sources, strings.Join(ifs[name].what, " and "))
+		d.rpCheck(name, ifs[name].sources, strings.Join(ifs[name].what, " and "), ifs[name].steered)
 	}
 }
 
@@ -738,6 +753,93 @@ func peerAddr(a net.Addr) netip.Addr {
 	}
 	out, _ := netip.AddrFromSlice(ip)
 	return out.Unmap()
+}
+
+// --- transparent: the return path -------------------------------------------
+
+// returnPath probes each TCP upstream of the transparent services the way
+// the proxy connects: from a client's address (IP_TRANSPARENT). The
+// upstream's SYN-ACK goes to that client address; it reaches this socket
+// only if the upstream routes it through the LB and steer marks it for
+// local delivery, which the steer counter of that upstream shows.
+func (d *doctor) returnPath(ctx context.Context) {
+	if d.o.BPF == nil {
+		return
+	}
+	for _, s := range d.o.Services {
+		if s.Mode != "transparent" {
+			continue
+		}
+		for _, u := range s.Upstreams {
+			name := fmt.Sprintf("return path %s %s", s.Name, u)
+			if s.Protocol != "tcp" {
+				d.add(name, Warn, "", "not probed: a UDP upstream answers only a protocol-specific request")
+				continue
+			}
+			var client netip.Addr
+			for _, c := range d.o.Clients {
+				if c.Addr().Is4() == u.Addr().Is4() {
+					client = c.Masked().Addr().Next()
+					break
+				}
+			}
+			if !client.IsValid() {
+				d.add(name, Warn, "pass --client PREFIX (the clients' network) to probe it", "not probed: no client network of the upstream's family given")
+				continue
+			}
+			before, steered, err := d.o.BPF.SteerPackets(s.Protocol, u)
+			if err != nil {
+				d.add(name, Fail, "run lbctl doctor as root", "read steer counters: %v", err)
+				continue
+			}
+			if !steered {
+				d.add(name, Fail, fmt.Sprintf("lbctl run -c CONFIG (or lbctl --bpffs %s attach IFACE --steer --upstream tcp:%s)", d.o.BPFFS, u),
+					"steer does not mark replies from %s: is lbctl run running this service?", u)
+				continue
+			}
+			err = transparentConnect(ctx, client, u, d.o.Timeout)
+			after, _, cerr := d.o.BPF.SteerPackets(s.Protocol, u)
+			fix := fmt.Sprintf("on %s: lbctl doctor -c CONFIG --upstream --lb LB_ADDRESS (its route to %s must go through the LB); ip route get %s", u.Addr(), client, client)
+			switch {
+			case cerr != nil:
+				d.add(name, Fail, "run lbctl doctor as root", "read steer counters: %v", cerr)
+			case err != nil:
+				d.add(name, Fail, fix, "connect from %s: %v: the upstream's reply did not come back to the LB's transparent socket (steer saw %d)", client, err, after-before)
+			case after == before:
+				d.add(name, Warn, "", "connected from %s, but steer counted no reply: the reply came back another way", client)
+			default:
+				d.add(name, Pass, "", "connected from client address %s: %d replies steered back to the socket", client, after-before)
+			}
+		}
+	}
+}
+
+// transparentConnect connects to up from the foreign address from, as the
+// transparent proxy does.
+func transparentConnect(ctx context.Context, from netip.Addr, up netip.AddrPort, timeout time.Duration) error {
+	dl := net.Dialer{
+		Timeout:   timeout,
+		LocalAddr: &net.TCPAddr{IP: from.AsSlice()},
+		Control: func(network, address string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				if from.Is4() {
+					serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+				} else {
+					serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+				}
+			})
+			if err != nil {
+				return err
+			}
+			return serr
+		},
+	}
+	c, err := dl.DialContext(ctx, "tcp", up.String())
+	if err != nil {
+		return err
+	}
+	return c.Close()
 }
 
 // --- on a backend (--upstream) ------------------------------------------------
