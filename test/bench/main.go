@@ -44,7 +44,8 @@ func scenarios() []scenario {
 		lbctlTransparentScenario,
 		lbctlDSRRouterScenario,
 		lbctlDSROriginScenario,
-		lbctlXDPScenario,
+		lbctlXDPNativeScenario,
+		lbctlXDPGenericScenario,
 		bpfScenario,
 	}
 }
@@ -138,7 +139,7 @@ func bench(ctx context.Context, log *zap.Logger, o *options, stdout io.Writer) (
 	if os.Geteuid() != 0 {
 		return errors.New("needs root (network namespaces, BPF): run it as root, e.g. sudo make bench")
 	}
-	for _, tool := range []string{"ip", "dnsperf", "wrk", "nginx", "iptables", "sysctl"} {
+	for _, tool := range []string{"ip", "dnsperf", "wrk", "nginx", "iptables", "sysctl", "ethtool"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			return fmt.Errorf("%s not found on PATH: install it with scripts/install-deps.sh", tool)
 		}
@@ -202,8 +203,18 @@ func bench(ctx context.Context, log *zap.Logger, o *options, stdout io.Writer) (
 
 // prepare puts the shared topology in its base state: the backends'
 // public-side routes off (origin NAT adds them back for its scenario),
-// the demo backends running, each reachable from the client through the LB.
+// the veth settings XDP needs (for every line alike), the demo backends
+// running, each reachable from the client through the LB.
 func (e *env) prepare(ctx context.Context, backend string) error {
+	// Native XDP cannot complete a partial (offloaded) checksum, which only
+	// a veth hands on, so the client sends full checksums; and a veth takes
+	// frames redirected by native XDP only with NAPI (GRO) on its peer.
+	if _, err := e.run(ctx, e.topo.Client, "ethtool", "-K", "eth0", "tx", "off"); err != nil {
+		return err
+	}
+	if _, err := e.run(ctx, e.topo.Switch, "ethtool", "-K", "p0", "gro", "on"); err != nil {
+		return err
+	}
 	var procs []*proc
 	for i, b := range e.topo.Backends {
 		for _, c := range [][]string{

@@ -23,7 +23,7 @@ func TestSmokeRouted(t *testing.T) {
 		t.Skip("runs the benchmark harness for a few seconds; skipped with -short")
 	}
 	testenv.RequireRoot(t)
-	testenv.RequireCommand(t, "ip", "dnsperf", "wrk", "nginx", "iptables")
+	testenv.RequireCommand(t, "ip", "dnsperf", "wrk", "nginx", "iptables", "ethtool")
 	goBin, err := exec.LookPath("go")
 	if err != nil {
 		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
