@@ -96,7 +96,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 	if len(rep.XDP) > 0 {
 		fmt.Fprintln(e.stdout)
 		tw = tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "XDP SERVICE\tPROTO\tBACKEND\tSHARE\tPACKETS\tBYTES")
+		fmt.Fprintln(tw, "XDP SERVICE\tPROTO\tGEN\tBACKEND\tSHARE\tPACKETS\tBYTES")
 		for _, s := range rep.XDP {
 			total := 0
 			for _, b := range s.Backends {
@@ -107,7 +107,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 				if total > 0 {
 					share = 100 * float64(b.Slots) / float64(total)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%.1f%%\t%d\t%d\n", s.VIP, s.Proto, b.Addr, share, b.Packets, b.Bytes)
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%.1f%%\t%d\t%d\n", s.VIP, s.Proto, s.Generation, b.Addr, share, b.Packets, b.Bytes)
 			}
 		}
 		if err := tw.Flush(); err != nil {

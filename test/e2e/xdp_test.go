@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -33,13 +34,13 @@ func xdpConfig(nat string) string {
 		}
 		fmt.Fprintf(&b, "  - name: dns%s\n    protocol: udp\n    listen: \"%s\"\n    mode: xdp\n    dsr: {nat: %s}\n",
 			sfx, netip.AddrPortFrom(fam.vip, 53), nat)
-		fmt.Fprintf(&b, "    health: {type: dns, query: www.example.com, qtype: %s, interval: 300ms, fall: 1}\n    upstreams:\n", qtype)
+		fmt.Fprintf(&b, "    health: {type: dns, query: www.example.com, qtype: %s, interval: 1s, timeout: 900ms, fall: 2}\n    upstreams:\n", qtype)
 		for i := 1; i <= 4; i++ {
 			fmt.Fprintf(&b, "      - \"%s\"\n", netip.AddrPortFrom(fam.backend(i), 53))
 		}
 		fmt.Fprintf(&b, "  - name: web%s\n    protocol: tcp\n    listen: \"%s\"\n    mode: xdp\n    dsr: {nat: %s}\n",
 			sfx, netip.AddrPortFrom(fam.vip, 80), nat)
-		b.WriteString("    health: {type: tcp, interval: 300ms, fall: 1}\n    upstreams:\n")
+		b.WriteString("    health: {type: tcp, interval: 1s, timeout: 900ms, fall: 2}\n    upstreams:\n")
 		for i := 1; i <= 4; i++ {
 			fmt.Fprintf(&b, "      - \"%s\"\n", netip.AddrPortFrom(fam.backend(i), 80))
 		}
@@ -79,7 +80,7 @@ func (h *harness) checkSpread(t *testing.T, fam dsrFamily) {
 	t.Helper()
 	vip := netip.AddrPortFrom(fam.vip, 53)
 	seen := map[int]bool{}
-	for k := 0; k < 64 && len(seen) < 4; k++ {
+	for k := 0; k < 200 && len(seen) < 4; k++ {
 		c := h.newDNSClient(t, netip.AddrPortFrom(fam.client, 0), vip)
 		got, from, err := c.askRetry(fam.typ)
 		if err != nil {
@@ -91,11 +92,11 @@ func (h *harness) checkSpread(t *testing.T, fam dsrFamily) {
 		seen[backendOf(fam, got)] = true
 	}
 	if len(seen) != 4 {
-		t.Errorf("%s DNS: 64 client ports answered by backends %v, want all four", fam.name, seen)
+		t.Errorf("%s DNS: 200 client ports answered by backends %v, want all four", fam.name, seen)
 	}
 	web := netip.AddrPortFrom(fam.vip, 80)
 	seen = map[int]bool{}
-	for k := 0; k < 64 && len(seen) < 4; k++ {
+	for k := 0; k < 200 && len(seen) < 4; k++ {
 		body, err := h.httpGet(web)
 		if err != nil {
 			t.Fatalf("%s HTTP GET #%d: %v", fam.name, k, err)
@@ -115,7 +116,7 @@ func (h *harness) checkSpread(t *testing.T, fam dsrFamily) {
 		seen[int(m[1][3]-'0')] = true
 	}
 	if len(seen) != 4 {
-		t.Errorf("%s HTTP: 64 connections served by backends %v, want all four", fam.name, seen)
+		t.Errorf("%s HTTP: 200 connections served by backends %v, want all four", fam.name, seen)
 	}
 }
 
@@ -171,6 +172,15 @@ func testXDP(t *testing.T, nat string) {
 		t.Errorf("xdp_lb sent on %d packets, want at least the 32 queries and connections: %v", got, after)
 	}
 	h.checkNoSocket(t, l)
+	// lbctl status: the table generation and each backend's share.
+	status := mustRun(t, h.LB, binary(t, "lbctl"), "--bpffs", h.LB.BPFFS, "status")
+	for i := 1; i <= 4; i++ {
+		re := regexp.MustCompile(regexp.QuoteMeta(netip.AddrPortFrom(topo.VIP4, 53).String()) + `\s+udp\s+[1-9]\d*\s+` +
+			regexp.QuoteMeta(netip.AddrPortFrom(topo.Backend4(i), 53).String()) + `\s+2[45]\.\d%`)
+		if !re.MatchString(status) {
+			t.Errorf("lbctl status lacks dev%d's generation and ~25%% share:\n%s", i, status)
+		}
+	}
 	out := mustRun(t, h.LB, binary(t, "lbctl"), "--bpffs", h.LB.BPFFS, "stats")
 	t.Logf("lbctl stats:\n%s", out)
 	l.stop(t)
@@ -333,9 +343,14 @@ func TestXDPBackendFailure(t *testing.T) {
 		t.Fatalf("24 connections on backends %v, want all four", onBackend)
 	}
 	procs[3].signal(syscall.SIGKILL)
-	// Health checks every 300ms, fall 1: both services of the family see it.
-	l.waitOutput(t, "upstream down", 2)
-	time.Sleep(200 * time.Millisecond) // the table swap follows the log line
+	// Health takes dev4 out of both IPv4 services' tables.
+	deadline := time.Now().Add(30 * time.Second)
+	for !dev4Out(t, h, fam) {
+		if time.Now().After(deadline) {
+			t.Fatalf("dev4 still in the tables 30s after it died:\n%s", l.out.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	for i, c := range conns {
 		if owner[i] == 4 {
 			continue
@@ -361,14 +376,19 @@ func TestXDPBackendFailure(t *testing.T) {
 			t.Fatalf("DNS query #%d after dev4 failed: %s, %v; want one of dev1-3 at once", k, got, err)
 		}
 	}
-	st := dataplaneServices(t, h)
-	for _, s := range st {
+}
+
+// dev4Out reports whether backend 4 has no slot left in fam's tables.
+func dev4Out(t *testing.T, h *harness, fam dsrFamily) bool {
+	t.Helper()
+	for _, s := range dataplaneServices(t, h) {
 		for _, b := range s.Backends {
-			if backendOf(fam, b.Addr.Addr()) == 4 && b.Slots != 0 {
-				t.Errorf("service %s: the failed %s still has %d table slots", s.XDPService, b.Addr, b.Slots)
+			if b.Addr.Addr() == fam.backend(4) && b.Slots != 0 {
+				return false
 			}
 		}
 	}
+	return true
 }
 
 // dataplaneServices reads the XDP services pinned on the LB.
