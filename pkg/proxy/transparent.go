@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
+	"sync"
 	"sync/atomic"
 	"syscall"
 
@@ -49,10 +51,19 @@ type TransparentDialer struct {
 	// comparison of the two ways).
 	kernelPort bool
 
+	// IdleUDP bounds the UDP sockets kept for reuse; 0 = 1024.
+	IdleUDP int
+	mu      sync.Mutex
+	idle    map[udpPair]*net.UDPConn // socket of a session that ended cleanly
+	order   []udpPair                // idle keys, oldest first
+
 	// SamePort counts sockets that got the client's own port, OtherPort
 	// those that fell back to a kernel-chosen port.
 	SamePort, OtherPort atomic.Uint64
 }
+
+// udpPair is a kept UDP socket's local (client) and remote (upstream) side.
+type udpPair struct{ client, upstream netip.AddrPort }
 
 // NewTransparentDialer returns a dialer that sends only to upstreams.
 func NewTransparentDialer(upstreams []netip.AddrPort, iface string) *TransparentDialer {
@@ -170,6 +181,13 @@ func (d *TransparentDialer) DialUDP(client, upstream netip.AddrPort) (*net.UDPCo
 	if err != nil {
 		return nil, err
 	}
+	d.mu.Lock()
+	if c := d.idle[udpPair{client, upstream}]; c != nil {
+		delete(d.idle, udpPair{client, upstream})
+		d.mu.Unlock()
+		return c, nil
+	}
+	d.mu.Unlock()
 	v6 := client.Addr().Is6()
 	c, err := d.dialUDP(client, upstream, v6)
 	if err != nil && portTaken(err) {
@@ -221,13 +239,71 @@ func (d *TransparentDialer) dialUDP(local, upstream netip.AddrPort, v6 bool) (*n
 	return c.(*net.UDPConn), nil
 }
 
-// ReleaseUDP implements Dialer: a transparent socket belongs to one client
-// and is never reused.
+// ReleaseUDP implements Dialer. A socket belongs to one client
+// address:port and one upstream; when its session ended cleanly (no reply
+// outstanding) it is kept for that client's next session to the same
+// upstream (a DNS client reusing its source port saves a socket, bind and
+// connect per query), up to IdleUDP sockets, the oldest closed first.
 func (d *TransparentDialer) ReleaseUDP(c *net.UDPConn, upstream netip.AddrPort, clean bool) {
-	if !clean && d.OnDialFailed != nil {
-		if la, ok := c.LocalAddr().(*net.UDPAddr); ok {
-			d.OnDialFailed(unmapAP(la.AddrPort()), unmapAP(upstream), ErrNoReply)
+	la, ok := c.LocalAddr().(*net.UDPAddr)
+	if !ok {
+		c.Close()
+		return
+	}
+	client := unmapAP(la.AddrPort())
+	if !clean {
+		if d.OnDialFailed != nil {
+			d.OnDialFailed(client, unmapAP(upstream), ErrNoReply)
+		}
+		c.Close()
+		return
+	}
+	max := d.IdleUDP
+	if max <= 0 {
+		max = 1024
+	}
+	k := udpPair{client, unmapAP(upstream)}
+	d.mu.Lock()
+	if d.idle == nil {
+		d.idle = map[udpPair]*net.UDPConn{}
+	}
+	if old := d.idle[k]; old != nil {
+		old.Close()
+	}
+	d.idle[k] = c
+	d.order = append(d.order, k)
+	for len(d.idle) > max && len(d.order) > 0 {
+		o := d.order[0]
+		d.order = d.order[1:]
+		if oc := d.idle[o]; oc != nil && o != k {
+			oc.Close()
+			delete(d.idle, o)
 		}
 	}
-	c.Close()
+	if len(d.order) > 4*max {
+		// Drop the keys of sockets taken again since, keep the order.
+		seen := make(map[udpPair]bool, len(d.idle))
+		live := make([]udpPair, 0, len(d.idle))
+		for i := len(d.order) - 1; i >= 0; i-- {
+			if o := d.order[i]; d.idle[o] != nil && !seen[o] {
+				seen[o] = true
+				live = append(live, o)
+			}
+		}
+		slices.Reverse(live)
+		d.order = live
+	}
+	d.mu.Unlock()
+}
+
+// Close closes the kept UDP sockets.
+func (d *TransparentDialer) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for k, c := range d.idle {
+		c.Close()
+		delete(d.idle, k)
+	}
+	d.order = nil
+	return nil
 }

@@ -174,10 +174,59 @@ func TestTransparentDialer(t *testing.T) {
 					t.Errorf("udp socket %d: upstream saw %s (client %s)", i, got, client)
 				}
 			}
+			// A clean session's socket is the client's next one to that upstream.
+			d.ReleaseUDP(u, up, true)
+			again, err := d.DialUDP(client, up)
+			if err != nil {
+				return fmt.Errorf("dial udp after release: %w", err)
+			}
+			if again != u {
+				t.Errorf("udp: a new socket after a clean release, want the kept one")
+			}
+			u = again
+			if _, err := u.Write([]byte("q")); err != nil {
+				return err
+			}
+			b := make([]byte, 64)
+			u.SetReadDeadline(time.Now().Add(10 * time.Second))
+			if n, err := u.Read(b); err != nil || string(b[:n]) != client.String() {
+				t.Errorf("udp on the kept socket: %q, %v", b[:n], err)
+			}
 			return nil
 		})
 		if err != nil {
 			t.Error(err)
 		}
+	}
+}
+
+// TestTransparentIdleUDPBound: at most IdleUDP sockets are kept, the
+// oldest closed first; a dirty release closes; Close closes the rest.
+func TestTransparentIdleUDPBound(t *testing.T) {
+	up := netip.MustParseAddrPort("127.0.0.1:9")
+	d := NewTransparentDialer([]netip.AddrPort{up}, "")
+	d.IdleUDP = 2
+	var conns []*net.UDPConn
+	for range 4 {
+		c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(up))
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	closed := func(c *net.UDPConn) bool { return c.SetDeadline(time.Time{}) != nil }
+	d.ReleaseUDP(conns[0], up, true)
+	d.ReleaseUDP(conns[1], up, true)
+	d.ReleaseUDP(conns[2], up, true)
+	if !closed(conns[0]) || closed(conns[1]) || closed(conns[2]) || len(d.idle) != 2 {
+		t.Errorf("after 3 clean releases with IdleUDP 2: closed %v %v %v, kept %d", closed(conns[0]), closed(conns[1]), closed(conns[2]), len(d.idle))
+	}
+	d.ReleaseUDP(conns[3], up, false)
+	if !closed(conns[3]) {
+		t.Errorf("a dirty release kept the socket")
+	}
+	d.Close()
+	if !closed(conns[1]) || !closed(conns[2]) || len(d.idle) != 0 {
+		t.Errorf("Close left sockets open")
 	}
 }

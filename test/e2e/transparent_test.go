@@ -163,7 +163,14 @@ func lbState(t *testing.T, h *harness) string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		fmt.Fprintf(&b, "$ %s\n%s", strings.Join(args, " "), out)
+		fmt.Fprintf(&b, "$ %s\n", strings.Join(args, " "))
+		for _, l := range strings.SplitAfter(out, "\n") {
+			// Link-local addresses (and their local routes) appear when
+			// the kernel's IPv6 autoconfiguration gets to them, on its own time.
+			if !strings.Contains(l, "fe80:") {
+				b.WriteString(l)
+			}
+		}
 	}
 	ents, _ := os.ReadDir(filepath.Join(h.LB.BPFFS, "lbctl"))
 	for _, e := range ents {
