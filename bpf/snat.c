@@ -21,6 +21,35 @@ struct {
 	__type(value, struct snat_value);
 } snat_rules SEC(".maps");
 
+/* The host rules of snat_rules (/32, /128) again, in a hash keyed by the
+ * same struct snat_key with prefixlen 0: one hash lookup finds the rule of a
+ * backend's own address (the usual origin NAT and router NAT rule) without
+ * walking a trie of thousands of entries. snat_rules stays complete: a
+ * host rule missing here (state pinned by an older lbctl) is still found
+ * there. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_RULES);
+	__type(key, struct snat_key);
+	__type(value, struct snat_value);
+} snat_hosts SEC(".maps");
+
+/* Rule counts kept by user space (under the state's lock) so that the
+ * program skips lookups that cannot match: [SNAT_COUNT_HOSTS] = entries in
+ * snat_hosts, [SNAT_COUNT_PREFIXES] = the other rules of snat_rules. While
+ * the host count is 0 (no host rule, or state from an lbctl that kept no
+ * counts) snat_hosts is skipped and snat_rules, which holds every rule,
+ * decides alone: always correct. */
+#define SNAT_COUNT_HOSTS 0
+#define SNAT_COUNT_PREFIXES 1
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u32);
+} snat_rule_counts SEC(".maps");
+
 /* Packets and bytes rewritten by each rule, indexed by snat_value.rule_id. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -81,13 +110,45 @@ static __always_inline struct snat_value *rule_lookup(const struct pkt *p, __be1
 	return bpf_map_lookup_elem(&snat_rules, &key);
 }
 
+static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be16 sport)
+{
+	struct snat_key key = {
+		.family = p->family,
+		.proto = p->proto,
+		.sport = sport,
+	};
+
+	__builtin_memcpy(key.addr, p->saddr, sizeof(key.addr));
+	return bpf_map_lookup_elem(&snat_hosts, &key);
+}
+
 /* rule_match returns the rule for p: the longest source prefix among the
  * rules for p's source port and the any-port rules; on equal prefixes the
- * rule naming the port wins. */
+ * rule naming the port wins. Host rules first (snat_hosts): a host rule for
+ * the port cannot be beaten, and an any-port host rule only by that one;
+ * the trie is walked only for prefix rules. */
 static __always_inline struct snat_value *rule_match(const struct pkt *p)
 {
 	struct snat_value *exact = NULL, *any;
+	__u32 idx = SNAT_COUNT_HOSTS;
+	__u32 *hosts = bpf_map_lookup_elem(&snat_rule_counts, &idx);
 
+	if (hosts && *hosts) {
+		if (p->sport) {
+			exact = host_lookup(p, p->sport);
+			if (exact)
+				return exact;
+		}
+		any = host_lookup(p, 0);
+		if (any)
+			return any;
+		/* Every host rule is in snat_hosts: without prefix rules, no match. */
+		idx = SNAT_COUNT_PREFIXES;
+		__u32 *prefixes = bpf_map_lookup_elem(&snat_rule_counts, &idx);
+
+		if (prefixes && !*prefixes)
+			return NULL;
+	}
 	if (p->sport) {
 		exact = rule_lookup(p, p->sport);
 		/* A host prefix (/32, /128) cannot be beaten: skip the 2nd lookup. */

@@ -97,8 +97,10 @@ type Dataplane struct {
 	lock     *os.File
 	snat     snatMaps
 	steer    steerMaps
-	ruleIDs  *idAlloc  // nil until first needed
-	xdpst    *xdpState // nil until XDP is first used (xdp.go)
+	ruleIDs  *idAlloc // nil until first needed
+	// host and prefix rules (snat_rule_counts), valid once ruleIDs is set
+	hostRules, prefixRules uint32
+	xdpst                  *xdpState // nil until XDP is first used (xdp.go)
 }
 
 // Open mounts a bpffs at opts.Root if none is there, takes the state lock
@@ -450,6 +452,6 @@ func (d *Dataplane) removeIfUnused() error {
 
 // maps lists every pinned map of every program.
 func (d *Dataplane) maps() []*ebpf.Map {
-	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
+	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
 		d.steer.SteerUpstreams, d.steer.SteerCounters, d.steer.SteerFrags}
 }

@@ -159,6 +159,15 @@ func (r SNATRule) key() snatSnatKey {
 	return k
 }
 
+// hostKey returns k's key in snat_hosts (prefixlen 0) if k is a host rule
+// (/32, /128), which the program looks up there before the trie.
+func hostKey(k snatSnatKey) (snatSnatKey, bool) {
+	host := k.Family == familyV4 && k.Prefixlen == keyFixedBits+32 ||
+		k.Family == familyV6 && k.Prefixlen == keyFixedBits+128
+	k.Prefixlen = 0
+	return k, host
+}
+
 func ruleFromKV(k snatSnatKey, v snatSnatValue) SNATRule {
 	r := SNATRule{Proto: Proto(k.Proto), SPort: ntohs(k.Sport), ToPort: ntohs(v.Port)}
 	bits := int(k.Prefixlen) - keyFixedBits
@@ -210,10 +219,12 @@ func (d *Dataplane) AttachSNAT(ifname string) (Method, error) {
 	var progs snatPrograms
 	opts := d.collectionOptions()
 	opts.MapReplacements = map[string]*ebpf.Map{
-		snatMapSnatRules:     d.snat.SnatRules,
-		snatMapSnatRuleStats: d.snat.SnatRuleStats,
-		snatMapSnatCounters:  d.snat.SnatCounters,
-		snatMapSnatFrags:     d.snat.SnatFrags,
+		snatMapSnatRules:      d.snat.SnatRules,
+		snatMapSnatHosts:      d.snat.SnatHosts,
+		snatMapSnatRuleCounts: d.snat.SnatRuleCounts,
+		snatMapSnatRuleStats:  d.snat.SnatRuleStats,
+		snatMapSnatCounters:   d.snat.SnatCounters,
+		snatMapSnatFrags:      d.snat.SnatFrags,
 	}
 	if err := spec.LoadAndAssign(&progs, opts); err != nil {
 		return "", loadErr("load snat program", d.dir, err)
@@ -266,12 +277,26 @@ func (d *Dataplane) AddSNAT(rule SNATRule) error {
 		}
 		return fmt.Errorf("add snat rule %s: %w", rule, privHint(err))
 	}
+	if hk, ok := hostKey(key); ok {
+		if err := d.snat.SnatHosts.Update(&hk, &val, ebpf.UpdateAny); err != nil {
+			_ = d.snat.SnatRules.Delete(&key)
+			ids.free(id)
+			return fmt.Errorf("add snat rule %s: host rule table: %w", rule, privHint(err))
+		}
+		if err := d.setRuleCounts(d.hostRules+1, d.prefixRules); err != nil {
+			return fmt.Errorf("add snat rule %s: %w", rule, err)
+		}
+		return nil
+	}
+	if err := d.setRuleCounts(d.hostRules, d.prefixRules+1); err != nil {
+		return fmt.Errorf("add snat rule %s: %w", rule, err)
+	}
 	return nil
 }
 
 // DelSNAT deletes the rule matching rule.Src, rule.Proto and rule.SPort
 // (rule.To and rule.ToPort are ignored).
-func (d *Dataplane) DelSNAT(rule SNATRule) error {
+func (d *Dataplane) DelSNAT(rule SNATRule) (err error) {
 	rule.To, rule.ToPort = netip.Addr{}, 0
 	if err := rule.validateMatch(); err != nil {
 		return err
@@ -288,6 +313,20 @@ func (d *Dataplane) DelSNAT(rule SNATRule) error {
 	if !ok {
 		return fmt.Errorf("delete snat rule %s: %w (see lbctl snat list)", rule, ErrRuleNotFound)
 	}
+	hosts, prefixes := d.hostRules, d.prefixRules-1
+	if hk, ok := hostKey(key); ok {
+		if err := d.snat.SnatHosts.Delete(&hk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete snat rule %s: host rule table: %w", rule, privHint(err))
+		}
+		hosts, prefixes = d.hostRules-1, d.prefixRules
+	}
+	// The counts go down once the rule is gone; a count left too high (a
+	// failed delete) only costs a lookup, never a missed rule.
+	defer func() {
+		if err == nil {
+			err = d.setRuleCounts(hosts, prefixes)
+		}
+	}()
 	if err := d.snat.SnatRules.Delete(&key); err != nil {
 		return fmt.Errorf("delete snat rule %s: %w", rule, privHint(err))
 	}
@@ -371,8 +410,75 @@ func (d *Dataplane) ids() (*idAlloc, error) {
 	for _, e := range es {
 		a.take(e.id)
 	}
+	if err := d.syncHosts(); err != nil {
+		return nil, err
+	}
 	d.ruleIDs = a
 	return a, nil
+}
+
+// syncHosts makes snat_hosts hold exactly the host rules of snat_rules and
+// snat_host_count their number. State pinned by an lbctl without
+// snat_hosts lacks them there (its programs never looked there); this
+// program looks there first, so an any-port host rule there must not hide
+// a port host rule only in the trie.
+func (d *Dataplane) syncHosts() error {
+	var (
+		k               snatSnatKey
+		v               snatSnatValue
+		hosts, prefixes uint32
+	)
+	inTrie := map[snatSnatKey]bool{}
+	it := d.snat.SnatRules.Iterate()
+	for it.Next(&k, &v) {
+		if hk, ok := hostKey(k); ok {
+			if err := d.snat.SnatHosts.Update(&hk, &v, ebpf.UpdateAny); err != nil {
+				return fmt.Errorf("copy host rules into snat_hosts: %w", privHint(err))
+			}
+			inTrie[hk] = true
+			hosts++
+		} else {
+			prefixes++
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("copy host rules into snat_hosts: %w", privHint(err))
+	}
+	var stale []snatSnatKey
+	it = d.snat.SnatHosts.Iterate()
+	for it.Next(&k, &v) {
+		if !inTrie[k] {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list snat_hosts: %w", privHint(err))
+	}
+	for _, k := range stale {
+		if err := d.snat.SnatHosts.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("remove stale host rule from snat_hosts: %w", privHint(err))
+		}
+	}
+	return d.setRuleCounts(hosts, prefixes)
+}
+
+// Indices of snat_rule_counts (bpf/snat.c).
+const (
+	countHosts    = uint32(0)
+	countPrefixes = uint32(1)
+)
+
+// setRuleCounts stores the numbers of host and prefix rules, which the
+// program reads to skip lookups that cannot match.
+func (d *Dataplane) setRuleCounts(hosts, prefixes uint32) error {
+	if err := d.snat.SnatRuleCounts.Update(countHosts, hosts, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("store the rule counts: %w", privHint(err))
+	}
+	if err := d.snat.SnatRuleCounts.Update(countPrefixes, prefixes, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("store the rule counts: %w", privHint(err))
+	}
+	d.hostRules, d.prefixRules = hosts, prefixes
+	return nil
 }
 
 // idAlloc hands out rule ids (slots of snat_rule_stats). The Dataplane's

@@ -71,6 +71,8 @@ type snatSnatValue struct {
 const (
 	snatMapSnatCounters   = "snat_counters"
 	snatMapSnatFrags      = "snat_frags"
+	snatMapSnatHosts      = "snat_hosts"
+	snatMapSnatRuleCounts = "snat_rule_counts"
 	snatMapSnatRuleStats  = "snat_rule_stats"
 	snatMapSnatRules      = "snat_rules"
 	snatProgSnatEgress    = "snat_egress"
@@ -126,10 +128,12 @@ type snatProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type snatMapSpecs struct {
-	SnatCounters  *ebpf.MapSpec `ebpf:"snat_counters"`
-	SnatFrags     *ebpf.MapSpec `ebpf:"snat_frags"`
-	SnatRuleStats *ebpf.MapSpec `ebpf:"snat_rule_stats"`
-	SnatRules     *ebpf.MapSpec `ebpf:"snat_rules"`
+	SnatCounters   *ebpf.MapSpec `ebpf:"snat_counters"`
+	SnatFrags      *ebpf.MapSpec `ebpf:"snat_frags"`
+	SnatHosts      *ebpf.MapSpec `ebpf:"snat_hosts"`
+	SnatRuleCounts *ebpf.MapSpec `ebpf:"snat_rule_counts"`
+	SnatRuleStats  *ebpf.MapSpec `ebpf:"snat_rule_stats"`
+	SnatRules      *ebpf.MapSpec `ebpf:"snat_rules"`
 }
 
 // snatVariableSpecs contains global variables before they are loaded into the kernel.
@@ -159,16 +163,20 @@ func (o *snatObjects) Close() error {
 //
 // It can be passed to loadSnatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type snatMaps struct {
-	SnatCounters  *ebpf.Map `ebpf:"snat_counters"`
-	SnatFrags     *ebpf.Map `ebpf:"snat_frags"`
-	SnatRuleStats *ebpf.Map `ebpf:"snat_rule_stats"`
-	SnatRules     *ebpf.Map `ebpf:"snat_rules"`
+	SnatCounters   *ebpf.Map `ebpf:"snat_counters"`
+	SnatFrags      *ebpf.Map `ebpf:"snat_frags"`
+	SnatHosts      *ebpf.Map `ebpf:"snat_hosts"`
+	SnatRuleCounts *ebpf.Map `ebpf:"snat_rule_counts"`
+	SnatRuleStats  *ebpf.Map `ebpf:"snat_rule_stats"`
+	SnatRules      *ebpf.Map `ebpf:"snat_rules"`
 }
 
 func (m *snatMaps) Close() error {
 	return _SnatClose(
 		m.SnatCounters,
 		m.SnatFrags,
+		m.SnatHosts,
+		m.SnatRuleCounts,
 		m.SnatRuleStats,
 		m.SnatRules,
 	)

@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"slices"
+	"sort"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -456,5 +458,89 @@ func TestSNATRuleCountersReset(t *testing.T) {
 	tp.add(t, SNATRule{Src: net6, Proto: TCP, To: vip6})
 	if st := tp.stats(t); len(st.SNATRules) != 1 || st.SNATRules[0].Packets != 0 || st.SNATRules[0].Bytes != 0 {
 		t.Fatalf("new rule's counters %+v, want zero", st.SNATRules)
+	}
+}
+
+// hostEntries returns the keys in snat_hosts, as rules.
+func hostEntries(t *testing.T, tp *testProg) []string {
+	t.Helper()
+	var (
+		k   snatSnatKey
+		v   snatSnatValue
+		out []string
+	)
+	it := tp.objs.SnatHosts.Iterate()
+	for it.Next(&k, &v) {
+		if k.Prefixlen != 0 {
+			t.Errorf("snat_hosts key with prefixlen %d, want 0", k.Prefixlen)
+		}
+		k.Prefixlen = keyFixedBits + 32
+		if k.Family == familyV6 {
+			k.Prefixlen = keyFixedBits + 128
+		}
+		out = append(out, ruleFromKV(k, v).String())
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// TestSNATHostTable: host rules (/32, /128) are kept in snat_hosts too, and
+// go with their rule; prefix rules are not. State pinned by an lbctl
+// without snat_hosts has its host rules copied there on the first change,
+// so an any-port host rule there never hides a port host rule of the trie.
+func TestSNATHostTable(t *testing.T) {
+	tp := newTestProg(t)
+	host4 := SNATRule{Src: netip.PrefixFrom(backend4.Addr(), 32), Proto: UDP, SPort: 53, To: vip4, ToPort: 5353}
+	host6 := SNATRule{Src: netip.PrefixFrom(backend6.Addr(), 128), Proto: UDP, To: vip6}
+	prefix := SNATRule{Src: net4, Proto: UDP, SPort: 53, To: vip4}
+	tp.add(t, host4, host6, prefix)
+	if got, want := hostEntries(t, tp), []string{host4.String(), host6.String()}; !slices.Equal(got, want) {
+		t.Fatalf("snat_hosts holds %q, want %q", got, want)
+	}
+	p := pkt{src: backend4, dst: client4, proto: UDP, payload: []byte("q")}
+	if d := diffPacket(tp.run(t, p.frame()), rewrite(p, vip4, 5353).frame()); d != "" {
+		t.Fatalf("host rule not applied:%s", d)
+	}
+	if err := tp.d.DelSNAT(host4); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := hostEntries(t, tp), []string{host6.String()}; !slices.Equal(got, want) {
+		t.Fatalf("after deleting %s snat_hosts holds %q, want %q", host4, got, want)
+	}
+	if d := diffPacket(tp.run(t, p.frame()), rewrite(p, vip4, 0).frame()); d != "" {
+		t.Fatalf("after deleting the host rule, want the /28 rule:%s", d)
+	}
+	for idx, want := range map[uint32]uint32{countHosts: 1, countPrefixes: 1} {
+		var n uint32
+		if err := tp.objs.SnatRuleCounts.Lookup(idx, &n); err != nil || n != want {
+			t.Fatalf("snat_rule_counts[%d] = %d (%v), want %d", idx, n, err, want)
+		}
+	}
+	// A host count of 0 (state from an older lbctl) skips snat_hosts; the
+	// trie still has the host rule.
+	if err := tp.objs.SnatRuleCounts.Update(countHosts, uint32(0), ebpf.UpdateAny); err != nil {
+		t.Fatal(err)
+	}
+	p6 := pkt{src: backend6, dst: client6, proto: UDP, payload: []byte("q")}
+	if d := diffPacket(tp.run(t, p6.frame()), rewrite(p6, vip6, 0).frame()); d != "" {
+		t.Fatalf("host rule not found in the trie with snat_hosts skipped:%s", d)
+	}
+
+	// Older state: a port host rule in the trie only.
+	old := newTestProg(t)
+	a, b := netip.MustParseAddr("198.18.98.1"), netip.MustParseAddr("198.18.98.2")
+	portRule := SNATRule{Src: netip.PrefixFrom(backend4.Addr(), 32), Proto: UDP, SPort: 53, To: a}
+	key := portRule.key()
+	val := snatSnatValue{SrcLen: 32, RuleId: 7}
+	copy(val.Addr[:], a.AsSlice())
+	if err := old.objs.SnatRules.Update(&key, &val, ebpf.UpdateNoExist); err != nil {
+		t.Fatal(err)
+	}
+	old.add(t, SNATRule{Src: netip.PrefixFrom(backend4.Addr(), 32), Proto: UDP, To: b})
+	if d := diffPacket(old.run(t, p.frame()), rewrite(p, a, 0).frame()); d != "" {
+		t.Fatalf("port host rule of older state hidden by a new any-port host rule:%s", d)
 	}
 }

@@ -99,6 +99,8 @@ const (
 const (
 	snatTraceMapSnatCounters     = "snat_counters"
 	snatTraceMapSnatFrags        = "snat_frags"
+	snatTraceMapSnatHosts        = "snat_hosts"
+	snatTraceMapSnatRuleCounts   = "snat_rule_counts"
 	snatTraceMapSnatRuleStats    = "snat_rule_stats"
 	snatTraceMapSnatRules        = "snat_rules"
 	snatTraceMapTraceEvents      = "trace_events"
@@ -161,11 +163,13 @@ type snatTraceProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type snatTraceMapSpecs struct {
-	SnatCounters  *ebpf.MapSpec `ebpf:"snat_counters"`
-	SnatFrags     *ebpf.MapSpec `ebpf:"snat_frags"`
-	SnatRuleStats *ebpf.MapSpec `ebpf:"snat_rule_stats"`
-	SnatRules     *ebpf.MapSpec `ebpf:"snat_rules"`
-	TraceEvents   *ebpf.MapSpec `ebpf:"trace_events"`
+	SnatCounters   *ebpf.MapSpec `ebpf:"snat_counters"`
+	SnatFrags      *ebpf.MapSpec `ebpf:"snat_frags"`
+	SnatHosts      *ebpf.MapSpec `ebpf:"snat_hosts"`
+	SnatRuleCounts *ebpf.MapSpec `ebpf:"snat_rule_counts"`
+	SnatRuleStats  *ebpf.MapSpec `ebpf:"snat_rule_stats"`
+	SnatRules      *ebpf.MapSpec `ebpf:"snat_rules"`
+	TraceEvents    *ebpf.MapSpec `ebpf:"trace_events"`
 }
 
 // snatTraceVariableSpecs contains global variables before they are loaded into the kernel.
@@ -201,17 +205,21 @@ func (o *snatTraceObjects) Close() error {
 //
 // It can be passed to loadSnatTraceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type snatTraceMaps struct {
-	SnatCounters  *ebpf.Map `ebpf:"snat_counters"`
-	SnatFrags     *ebpf.Map `ebpf:"snat_frags"`
-	SnatRuleStats *ebpf.Map `ebpf:"snat_rule_stats"`
-	SnatRules     *ebpf.Map `ebpf:"snat_rules"`
-	TraceEvents   *ebpf.Map `ebpf:"trace_events"`
+	SnatCounters   *ebpf.Map `ebpf:"snat_counters"`
+	SnatFrags      *ebpf.Map `ebpf:"snat_frags"`
+	SnatHosts      *ebpf.Map `ebpf:"snat_hosts"`
+	SnatRuleCounts *ebpf.Map `ebpf:"snat_rule_counts"`
+	SnatRuleStats  *ebpf.Map `ebpf:"snat_rule_stats"`
+	SnatRules      *ebpf.Map `ebpf:"snat_rules"`
+	TraceEvents    *ebpf.Map `ebpf:"trace_events"`
 }
 
 func (m *snatTraceMaps) Close() error {
 	return _SnatTraceClose(
 		m.SnatCounters,
 		m.SnatFrags,
+		m.SnatHosts,
+		m.SnatRuleCounts,
 		m.SnatRuleStats,
 		m.SnatRules,
 		m.TraceEvents,

@@ -145,11 +145,13 @@ func (d *Dataplane) loadSnatTrace(f TraceFilter, events *ebpf.Map) (*ebpf.Progra
 	}
 	var progs snatTracePrograms
 	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
-		snatMapSnatRules:     d.snat.SnatRules,
-		snatMapSnatRuleStats: d.snat.SnatRuleStats,
-		snatMapSnatCounters:  d.snat.SnatCounters,
-		snatMapSnatFrags:     d.snat.SnatFrags,
-		"trace_events":       events,
+		snatMapSnatRules:      d.snat.SnatRules,
+		snatMapSnatHosts:      d.snat.SnatHosts,
+		snatMapSnatRuleCounts: d.snat.SnatRuleCounts,
+		snatMapSnatRuleStats:  d.snat.SnatRuleStats,
+		snatMapSnatCounters:   d.snat.SnatCounters,
+		snatMapSnatFrags:      d.snat.SnatFrags,
+		"trace_events":        events,
 	}}
 	if err := spec.LoadAndAssign(&progs, opts); err != nil {
 		return nil, loadErr("load snat trace program", d.dir, err)
