@@ -56,13 +56,16 @@ type TransparentDialer struct {
 	mu      sync.Mutex
 	idle    map[udpPair]*net.UDPConn // socket of a session that ended cleanly
 	order   []udpPair                // idle keys, oldest first
+	live    map[*net.UDPConn]udpPair // sockets of sessions, by idle key
+	busy    map[netip.AddrPort]int   // client address:port -> live sockets on it
 
 	// SamePort counts sockets that got the client's own port, OtherPort
 	// those that fell back to a kernel-chosen port.
 	SamePort, OtherPort atomic.Uint64
 }
 
-// udpPair is a kept UDP socket's local (client) and remote (upstream) side.
+// udpPair keys a kept UDP socket: the client's address:port (its own
+// port) or address:0 (a kernel-chosen port), and the upstream.
 type udpPair struct{ client, upstream netip.AddrPort }
 
 // NewTransparentDialer returns a dialer that sends only to upstreams.
@@ -181,17 +184,41 @@ func (d *TransparentDialer) DialUDP(client, upstream netip.AddrPort) (*net.UDPCo
 	if err != nil {
 		return nil, err
 	}
+	own := udpPair{client, upstream}
+	any := udpPair{netip.AddrPortFrom(client.Addr(), 0), upstream}
 	d.mu.Lock()
-	if c := d.idle[udpPair{client, upstream}]; c != nil {
-		delete(d.idle, udpPair{client, upstream})
-		d.mu.Unlock()
-		return c, nil
+	if d.live == nil {
+		d.live = map[*net.UDPConn]udpPair{}
+		d.busy = map[netip.AddrPort]int{}
+	}
+	busy := d.busy[client] > 0
+	// The client's own port, kept from its last session; else, while that
+	// port is taken by a live session, a kept socket on another port.
+	for _, k := range []udpPair{own, any} {
+		if k == any && !busy {
+			break
+		}
+		if c := d.idle[k]; c != nil {
+			delete(d.idle, k)
+			d.live[c] = k
+			if k == own {
+				d.busy[client]++
+			}
+			d.mu.Unlock()
+			return c, nil
+		}
 	}
 	d.mu.Unlock()
 	v6 := client.Addr().Is6()
-	c, err := d.dialUDP(client, upstream, v6)
+	var c *net.UDPConn
+	err = unix.EADDRINUSE
+	if !busy {
+		c, err = d.dialUDP(client, upstream, v6)
+	}
+	k := own
 	if err != nil && portTaken(err) {
-		if c, err = d.dialUDP(netip.AddrPortFrom(client.Addr(), 0), upstream, v6); err == nil {
+		k = any
+		if c, err = d.dialUDP(any.client, upstream, v6); err == nil {
 			d.OtherPort.Add(1)
 		}
 	} else if err == nil {
@@ -200,6 +227,12 @@ func (d *TransparentDialer) DialUDP(client, upstream netip.AddrPort) (*net.UDPCo
 	if err != nil {
 		return nil, err
 	}
+	d.mu.Lock()
+	d.live[c] = k
+	if k == own {
+		d.busy[client]++
+	}
+	d.mu.Unlock()
 	return c, nil
 }
 
@@ -251,6 +284,18 @@ func (d *TransparentDialer) ReleaseUDP(c *net.UDPConn, upstream netip.AddrPort, 
 		return
 	}
 	client := unmapAP(la.AddrPort())
+	k := udpPair{client, unmapAP(upstream)}
+	d.mu.Lock()
+	if lk, ok := d.live[c]; ok {
+		delete(d.live, c)
+		k = lk
+		if lk.client.Port() != 0 {
+			if d.busy[lk.client]--; d.busy[lk.client] <= 0 {
+				delete(d.busy, lk.client)
+			}
+		}
+	}
+	d.mu.Unlock()
 	if !clean {
 		if d.OnDialFailed != nil {
 			d.OnDialFailed(client, unmapAP(upstream), ErrNoReply)
@@ -262,7 +307,6 @@ func (d *TransparentDialer) ReleaseUDP(c *net.UDPConn, upstream netip.AddrPort, 
 	if max <= 0 {
 		max = 1024
 	}
-	k := udpPair{client, unmapAP(upstream)}
 	d.mu.Lock()
 	if d.idle == nil {
 		d.idle = map[udpPair]*net.UDPConn{}

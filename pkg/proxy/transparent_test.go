@@ -158,7 +158,6 @@ func TestTransparentDialer(t *testing.T) {
 			if err != nil {
 				return fmt.Errorf("second dial udp: %w", err)
 			}
-			defer d.ReleaseUDP(u2, up, true)
 			for i, c := range []*net.UDPConn{u, u2} {
 				if _, err := c.Write([]byte("q")); err != nil {
 					return err
@@ -192,6 +191,17 @@ func TestTransparentDialer(t *testing.T) {
 			if n, err := u.Read(b); err != nil || string(b[:n]) != client.String() {
 				t.Errorf("udp on the kept socket: %q, %v", b[:n], err)
 			}
+			// While u holds the client's port, a kept socket on another
+			// port serves the client's next session (no failed bind first).
+			d.ReleaseUDP(u2, up, true)
+			other, err := d.DialUDP(client, up)
+			if err != nil {
+				return fmt.Errorf("dial udp while the port is busy: %w", err)
+			}
+			if other != u2 {
+				t.Errorf("udp: port busy: got a new socket, want the kept one on another port")
+			}
+			d.ReleaseUDP(other, up, false)
 			return nil
 		})
 		if err != nil {
