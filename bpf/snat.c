@@ -170,37 +170,8 @@ static __always_inline void frag_key(const struct pkt *p, struct snat_frag_key *
 	__builtin_memcpy(k->daddr, p->daddr, sizeof(k->daddr));
 }
 
-#ifdef LBCTL_TRACE
-/* trace_snat reports what snat decided for p (lbctl trace). */
-static __always_inline void trace_snat(struct __sk_buff *skb, const struct pkt *p, __u8 decision,
-				       const __u8 *to, __be16 to_port)
-{
-	struct trace_event ev = {
-		.ifindex = skb->ifindex,
-		.len = skb->len,
-		.prog = TRACE_PROG_SNAT,
-		.decision = decision,
-	};
-
-	if (decision != TRACE_NOT_PARSED) {
-		ev.family = p->family;
-		ev.proto = p->proto;
-		ev.sport = p->sport;
-		__builtin_memcpy(ev.saddr, p->saddr, sizeof(ev.saddr));
-		__builtin_memcpy(ev.daddr, p->daddr, sizeof(ev.daddr));
-		if (p->frag != FRAG_LATER)
-			bpf_skb_load_bytes(skb, p->l4_off + 2, &ev.dport, sizeof(ev.dport));
-	}
-	if (to) {
-		__builtin_memcpy(ev.new_addr, to, sizeof(ev.new_addr));
-		ev.new_port = to_port;
-	}
-	trace_emit(&ev);
-}
-#define TRACE_SNAT(skb, p, decision, to, to_port) trace_snat(skb, p, decision, to, to_port)
-#else
-#define TRACE_SNAT(skb, p, decision, to, to_port) do { } while (0)
-#endif
+/* What snat decided, for lbctl trace (nothing without LBCTL_TRACE). */
+#define TRACE_SNAT(skb, p, decision, to, to_port) TRACE_TC(skb, p, TRACE_PROG_SNAT, decision, to, to_port)
 
 static __always_inline int set_saddr(struct __sk_buff *skb, const struct pkt *p, const __u8 *to)
 {

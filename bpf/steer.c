@@ -7,6 +7,7 @@
 
 #include "maps.h"
 #include "parse.h"
+#include "trace.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -117,6 +118,7 @@ int steer_ingress(struct __sk_buff *skb)
 	count(STEER_SEEN);
 	if (parse_l3l4(skb, &p) < 0) {
 		count(STEER_NOT_PARSED);
+		TRACE_TC(skb, &p, TRACE_PROG_STEER, TRACE_NOT_PARSED, NULL, 0);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -124,11 +126,13 @@ int steer_ingress(struct __sk_buff *skb)
 		frag_key(&p, &fk);
 		if (!bpf_map_lookup_elem(&steer_frags, &fk)) {
 			count(STEER_NOT_MATCHED);
+			TRACE_TC(skb, &p, TRACE_PROG_STEER, TRACE_NO_RULE, NULL, 0);
 			return TC_ACT_UNSPEC;
 		}
 		skb->mark = steer_mark;
 		count(STEER_STEERED);
 		count(STEER_FRAGMENTS);
+		TRACE_TC(skb, &p, TRACE_PROG_STEER, TRACE_STEERED, NULL, 0);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -143,6 +147,7 @@ int steer_ingress(struct __sk_buff *skb)
 
 	if (!up) {
 		count(STEER_NOT_MATCHED);
+		TRACE_TC(skb, &p, TRACE_PROG_STEER, TRACE_NO_RULE, NULL, 0);
 		return TC_ACT_UNSPEC;
 	}
 	__sync_fetch_and_add(&up->packets, 1);
@@ -154,7 +159,11 @@ int steer_ingress(struct __sk_buff *skb)
 	}
 	skb->mark = steer_mark;
 	count(STEER_STEERED);
-	if (steer_check_socket && !has_socket(skb, &p))
+	if (steer_check_socket && !has_socket(skb, &p)) {
 		count(STEER_NO_SOCKET);
+		TRACE_TC(skb, &p, TRACE_PROG_STEER, TRACE_NO_SOCKET, NULL, 0);
+		return TC_ACT_UNSPEC;
+	}
+	TRACE_TC(skb, &p, TRACE_PROG_STEER, TRACE_STEERED, NULL, 0);
 	return TC_ACT_UNSPEC;
 }

@@ -92,4 +92,38 @@ static __always_inline void trace_emit(struct trace_event *ev)
 }
 #endif /* LBCTL_TRACE */
 
+/* TRACE_TC reports what a TC program decided for the packet p (parsed by
+ * parse.h, which must be included first): to/to_port are the rewritten
+ * address and port, NULL/0 if none. Nothing at all without LBCTL_TRACE. */
+#ifdef LBCTL_TRACE
+static __always_inline void trace_tc(struct __sk_buff *skb, const struct pkt *p, __u8 prog, __u8 decision,
+				     const __u8 *to, __be16 to_port)
+{
+	struct trace_event ev = {
+		.ifindex = skb->ifindex,
+		.len = skb->len,
+		.prog = prog,
+		.decision = decision,
+	};
+
+	if (decision != TRACE_NOT_PARSED) {
+		ev.family = p->family;
+		ev.proto = p->proto;
+		ev.sport = p->sport;
+		__builtin_memcpy(ev.saddr, p->saddr, sizeof(ev.saddr));
+		__builtin_memcpy(ev.daddr, p->daddr, sizeof(ev.daddr));
+		if (p->frag != FRAG_LATER)
+			bpf_skb_load_bytes(skb, p->l4_off + 2, &ev.dport, sizeof(ev.dport));
+	}
+	if (to) {
+		__builtin_memcpy(ev.new_addr, to, sizeof(ev.new_addr));
+		ev.new_port = to_port;
+	}
+	trace_emit(&ev);
+}
+#define TRACE_TC(skb, p, prog, decision, to, to_port) trace_tc(skb, p, prog, decision, to, to_port)
+#else
+#define TRACE_TC(skb, p, prog, decision, to, to_port) do { } while (0)
+#endif
+
 #endif /* LBCTL_TRACE_H */

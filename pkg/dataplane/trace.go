@@ -5,6 +5,9 @@ package dataplane
 // swapped into snat's links only while lbctl trace runs.
 //go:generate go tool bpf2go -cc clang-19 -target bpfel -type trace_event -type trace_decision -type trace_prog snatTrace ../../bpf/snat.c -- -DLBCTL_TRACE -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
 
+// The tracing variant of steer, likewise.
+//go:generate go tool bpf2go -cc clang-19 -target bpfel steerTrace ../../bpf/steer.c -- -DLBCTL_TRACE -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
+
 import (
 	"encoding/binary"
 	"errors"
@@ -13,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 	"unsafe"
 
@@ -82,7 +86,7 @@ type Tracer struct {
 	ifnames map[uint32]string
 }
 
-// StartTrace loads the tracing variant of every traced program (snat) with
+// StartTrace loads the tracing variant of every traced program (snat, steer) with
 // filter f and swaps it into each of the program's attachments in place
 // (Link.Update: no packet misses the hook). Read returns the events; Close
 // swaps the original programs back. If lbctl dies without Close, the
@@ -98,19 +102,12 @@ func (d *Dataplane) StartTrace(f TraceFilter) (*Tracer, error) {
 		return nil, fmt.Errorf("create trace ring buffer: %w", privHint(err))
 	}
 	t := &Tracer{d: d, events: events, ifnames: map[uint32]string{}}
-	var snatProgTrace *ebpf.Program
 	for _, a := range atts {
-		if a.Program != snatProg.name {
+		tc, ok := traceables[a.Program]
+		if !ok {
 			continue
 		}
-		if snatProgTrace == nil {
-			if snatProgTrace, err = d.loadSnatTrace(f, events); err != nil {
-				t.Close()
-				return nil, err
-			}
-			t.progs = append(t.progs, snatProgTrace)
-		}
-		if err := t.swap(a, snatProg, snatProgTrace); err != nil {
+		if err := t.swap(a, tc, f); err != nil {
 			t.Close()
 			return nil, err
 		}
@@ -133,6 +130,96 @@ func (t *Tracer) Attachments() []Attachment {
 		out = append(out, s.att)
 	}
 	return out
+}
+
+// traceable is a program with a tracing variant.
+type traceable struct {
+	prog tcProg
+	// load loads the tracing variant, with the runtime settings of orig
+	// (the program attached now) and the filter.
+	load func(d *Dataplane, orig *ebpf.Program, f TraceFilter, events *ebpf.Map) (*ebpf.Program, error)
+}
+
+var traceables = map[string]traceable{
+	snatProg.name: {snatProg, func(d *Dataplane, _ *ebpf.Program, f TraceFilter, events *ebpf.Map) (*ebpf.Program, error) {
+		return d.loadSnatTrace(f, events)
+	}},
+	steerProg.name: {steerProg, (*Dataplane).loadSteerTrace},
+}
+
+func (d *Dataplane) loadSteerTrace(orig *ebpf.Program, f TraceFilter, events *ebpf.Map) (*ebpf.Program, error) {
+	spec, err := loadSteerTrace()
+	if err != nil {
+		return nil, fmt.Errorf("load steer trace spec: %w", err)
+	}
+	normal, err := loadSteer()
+	if err != nil {
+		return nil, fmt.Errorf("load steer spec: %w", err)
+	}
+	if err := copyConsts(orig, normal, spec); err != nil {
+		return nil, fmt.Errorf("trace steer: %w", err)
+	}
+	if err := setTraceFilter(spec, f); err != nil {
+		return nil, err
+	}
+	var progs steerTracePrograms
+	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
+		steerMapSteerUpstreams: d.steer.SteerUpstreams,
+		steerMapSteerCounters:  d.steer.SteerCounters,
+		steerMapSteerFrags:     d.steer.SteerFrags,
+		"trace_events":         events,
+	}}
+	if err := spec.LoadAndAssign(&progs, opts); err != nil {
+		return nil, loadErr("load steer trace program", d.dir, err)
+	}
+	return progs.SteerIngress, nil
+}
+
+// copyConsts gives the tracing spec the runtime settings (volatile const
+// globals in .rodata) orig was loaded with: read from orig's .rodata map
+// at the offsets the normal spec lays them out at.
+func copyConsts(orig *ebpf.Program, normal, traced *ebpf.CollectionSpec) error {
+	info, err := orig.Info()
+	if err != nil {
+		return fmt.Errorf("program info: %w", err)
+	}
+	ids, _ := info.MapIDs()
+	var rodata []byte
+	for _, id := range ids {
+		m, err := ebpf.NewMapFromID(id)
+		if err != nil {
+			return fmt.Errorf("open map %d: %w", id, privHint(err))
+		}
+		mi, err := m.Info()
+		if err == nil && strings.HasSuffix(mi.Name, ".rodata") {
+			rodata = make([]byte, mi.ValueSize)
+			err = m.Lookup(uint32(0), &rodata)
+		}
+		m.Close()
+		if err != nil {
+			return fmt.Errorf("read the settings of the attached program: %w", err)
+		}
+		if rodata != nil {
+			break
+		}
+	}
+	if rodata == nil {
+		return errors.New("the attached program has no .rodata: cannot copy its settings")
+	}
+	for name, v := range normal.Variables {
+		tv, ok := traced.Variables[name]
+		if !ok || v.SectionName != ".rodata" || strings.HasSuffix(name, "_btf") {
+			continue
+		}
+		end := int(v.Offset) + len(v.Value)
+		if end > len(rodata) {
+			return fmt.Errorf("setting %s beyond the attached program's .rodata", name)
+		}
+		if err := tv.Set(rodata[v.Offset:end]); err != nil {
+			return fmt.Errorf("copy setting %s: %w", name, err)
+		}
+	}
+	return nil
 }
 
 func (d *Dataplane) loadSnatTrace(f TraceFilter, events *ebpf.Map) (*ebpf.Program, error) {
@@ -184,8 +271,9 @@ func setTraceFilter(spec *ebpf.CollectionSpec, f TraceFilter) error {
 	return nil
 }
 
-// swap attaches prog in place of a's program.
-func (t *Tracer) swap(a Attachment, p tcProg, prog *ebpf.Program) error {
+// swap attaches the tracing variant of tc in place of a's program.
+func (t *Tracer) swap(a Attachment, tc traceable, f TraceFilter) error {
+	p := tc.prog
 	pin := filepath.Join(t.d.linkDir(a.Interface), p.name)
 	switch a.Method {
 	case MethodTCX:
@@ -203,6 +291,13 @@ func (t *Tracer) swap(a Attachment, p tcProg, prog *ebpf.Program) error {
 			l.Close()
 			return fmt.Errorf("trace %s on %s: open attached program: %w", p.name, a.Interface, privHint(err))
 		}
+		prog, err := tc.load(t.d, orig, f, t.events)
+		if err != nil {
+			orig.Close()
+			l.Close()
+			return err
+		}
+		t.progs = append(t.progs, prog)
 		if err := l.Update(prog); err != nil {
 			orig.Close()
 			l.Close()
@@ -217,6 +312,12 @@ func (t *Tracer) swap(a Attachment, p tcProg, prog *ebpf.Program) error {
 		if err != nil {
 			return fmt.Errorf("trace %s on %s: load pinned program: %w", p.name, a.Interface, privHint(err))
 		}
+		prog, err := tc.load(t.d, orig, f, t.events)
+		if err != nil {
+			orig.Close()
+			return err
+		}
+		t.progs = append(t.progs, prog)
 		if err := t.d.cls.AttachClsBPF(a.Interface, prog.FD(), p.clsName(), p.egress); err != nil {
 			orig.Close()
 			return fmt.Errorf("trace %s on %s: swap in the tracing program: %w", p.name, a.Interface, privHint(err))

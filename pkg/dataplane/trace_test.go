@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
 
 	"github.com/lbctl/lbctl/test/testenv"
 )
@@ -178,4 +179,73 @@ func linkProgram(t *testing.T, pin string) ebpf.ProgramID {
 		return 0
 	}
 	return info.Program
+}
+
+// TestTraceSteer: frames injected on the peer of the interface steer is
+// attached to (ingress) produce steer events: a reply from a steered
+// upstream, and one from an address steer does not know. steer runs with
+// its socket check off, and the event says "steered", not "no_socket":
+// the tracing variant was given the attached program's settings.
+func TestTraceSteer(t *testing.T) {
+	testenv.RequireRoot(t)
+	root := mountBPFFS(t)
+	inNetns(t, func() {
+		for _, c := range [][]string{
+			{"link", "add", "v0", "type", "veth", "peer", "name", "v1"},
+			{"addr", "add", "198.19.16.1/24", "dev", "v0"},
+			{"link", "set", "v0", "up"}, {"link", "set", "v1", "up"},
+		} {
+			if !ipCmd(t, c...) {
+				return
+			}
+		}
+		d, err := Open(Options{Root: root})
+		if err != nil {
+			t.Errorf("open: %v", err)
+			return
+		}
+		defer d.Close()
+		if _, err := d.AttachSteer("v0", SteerOptions{Mark: 0x1062, CheckSocket: false}); err != nil {
+			t.Errorf("attach steer: %v", err)
+			return
+		}
+		if err := d.AddSteerUpstream(UDP, backend4); err != nil {
+			t.Errorf("add upstream: %v", err)
+			return
+		}
+		v1, err := net.InterfaceByName("v1")
+		if err != nil {
+			t.Errorf("v1: %v", err)
+			return
+		}
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, 0)
+		if err != nil {
+			t.Errorf("packet socket: %v", err)
+			return
+		}
+		defer unix.Close(fd)
+		inject := func(src netip.AddrPort) {
+			frame := pkt{src: src, dst: client4, proto: UDP, payload: []byte("reply")}.frame()
+			if err := unix.Sendto(fd, frame, 0, &unix.SockaddrLinklayer{Ifindex: v1.Index, Halen: 6}); err != nil {
+				t.Errorf("inject: %v", err)
+			}
+		}
+		tr, err := d.StartTrace(TraceFilter{Addr: client4.Addr()})
+		if err != nil {
+			t.Errorf("start trace: %v", err)
+			return
+		}
+		defer tr.Close()
+		other := netip.MustParseAddrPort("198.19.16.12:53")
+		inject(backend4)
+		inject(other)
+		if ev, ok := readUntil(t, tr, func(ev TraceEvent) bool { return ev.Src == backend4 }); ok {
+			if ev.Program != "steer" || ev.Interface != "v0" || ev.Decision != "steered" || ev.Dst != client4 {
+				t.Errorf("reply from a steered upstream: %+v", ev)
+			}
+		}
+		if ev, ok := readUntil(t, tr, func(ev TraceEvent) bool { return ev.Src == other }); ok && ev.Decision != "no_rule" {
+			t.Errorf("packet from an unknown upstream: %+v", ev)
+		}
+	})
 }
