@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"time"
 	"unsafe"
@@ -163,16 +164,25 @@ func (d *Dataplane) loadSteerTrace(orig *ebpf.Program, f TraceFilter, events *eb
 		return nil, err
 	}
 	var progs steerTracePrograms
-	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
-		steerMapSteerUpstreams: d.steer.SteerUpstreams,
-		steerMapSteerCounters:  d.steer.SteerCounters,
-		steerMapSteerFrags:     d.steer.SteerFrags,
-		"trace_events":         events,
-	}}
+	opts := &ebpf.CollectionOptions{MapReplacements: mapsByName(&d.steer, events)}
 	if err := spec.LoadAndAssign(&progs, opts); err != nil {
 		return nil, loadErr("load steer trace program", d.dir, err)
 	}
 	return progs.SteerIngress, nil
+}
+
+// mapsByName returns the maps of a bpf2go maps struct by their names, and
+// events as trace_events: the tracing variant shares every map of the
+// program it replaces (also maps added to the program later).
+func mapsByName(maps any, events *ebpf.Map) map[string]*ebpf.Map {
+	out := map[string]*ebpf.Map{"trace_events": events}
+	v := reflect.ValueOf(maps).Elem()
+	for i := 0; i < v.NumField(); i++ {
+		if m, ok := v.Field(i).Interface().(*ebpf.Map); ok && m != nil {
+			out[v.Type().Field(i).Tag.Get("ebpf")] = m
+		}
+	}
+	return out
 }
 
 // copyConsts gives the tracing spec the runtime settings (volatile const
@@ -231,15 +241,7 @@ func (d *Dataplane) loadSnatTrace(f TraceFilter, events *ebpf.Map) (*ebpf.Progra
 		return nil, err
 	}
 	var progs snatTracePrograms
-	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
-		snatMapSnatRules:      d.snat.SnatRules,
-		snatMapSnatHosts:      d.snat.SnatHosts,
-		snatMapSnatRuleCounts: d.snat.SnatRuleCounts,
-		snatMapSnatRuleStats:  d.snat.SnatRuleStats,
-		snatMapSnatCounters:   d.snat.SnatCounters,
-		snatMapSnatFrags:      d.snat.SnatFrags,
-		"trace_events":        events,
-	}}
+	opts := &ebpf.CollectionOptions{MapReplacements: mapsByName(&d.snat, events)}
 	if err := spec.LoadAndAssign(&progs, opts); err != nil {
 		return nil, loadErr("load snat trace program", d.dir, err)
 	}

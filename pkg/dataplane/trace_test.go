@@ -4,6 +4,8 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -248,4 +250,37 @@ func TestTraceSteer(t *testing.T) {
 			t.Errorf("packet from an unknown upstream: %+v", ev)
 		}
 	})
+}
+
+// TestTraceSharesEveryMap: the tracing variants load with every map of
+// the program they replace (none created anew, which would change what
+// the program does while tracing).
+func TestTraceSharesEveryMap(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		traced func() (*ebpf.CollectionSpec, error)
+		maps   any
+	}{
+		{"snat", loadSnatTrace, &snatMaps{}},
+		{"steer", loadSteerTrace, &steerMaps{}},
+	} {
+		spec, err := c.traced()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A fake map per field: only the names matter here.
+		v := reflect.ValueOf(c.maps).Elem()
+		for i := 0; i < v.NumField(); i++ {
+			v.Field(i).Set(reflect.ValueOf(&ebpf.Map{}))
+		}
+		got := mapsByName(c.maps, &ebpf.Map{})
+		for name := range spec.Maps {
+			if strings.HasPrefix(name, ".") {
+				continue
+			}
+			if _, ok := got[name]; !ok {
+				t.Errorf("%s: the tracing variant's map %s is not shared", c.name, name)
+			}
+		}
+	}
 }
