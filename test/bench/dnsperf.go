@@ -225,7 +225,7 @@ func (e *env) queryFile(server netip.Addr) (string, error) {
 // dnsperf runs dnsperf from the client against each server at once for
 // the run's duration, the load split evenly between them, and merges the
 // results. One server is the VIP; several are the backends (routed floor).
-func (e *env) dnsperf(ctx context.Context, label string, servers ...netip.Addr) (dnsperfResult, error) {
+func (e *env) dnsperf(ctx context.Context, label string, d time.Duration, servers ...netip.Addr) (dnsperfResult, error) {
 	qf, err := e.queryFile(servers[0])
 	if err != nil {
 		return dnsperfResult{}, err
@@ -240,7 +240,7 @@ func (e *env) dnsperf(ctx context.Context, label string, servers ...netip.Addr) 
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			rs[i], errs[i] = e.runDNSPerf(ctx, fmt.Sprintf("%s-%d", label, i), e.topo.Client, dnsperfArgs(s, qf, e.duration, clients, outstanding))
+			rs[i], errs[i] = e.runDNSPerf(ctx, fmt.Sprintf("%s-%d", label, i), e.topo.Client, dnsperfArgs(s, qf, d, clients, outstanding))
 		}()
 	}
 	wg.Wait()

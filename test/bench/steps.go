@@ -5,7 +5,11 @@ import (
 	"errors"
 	"net/netip"
 	"strings"
+	"time"
 )
+
+// warmup is the load run before each line and not counted.
+const warmup = time.Second
 
 // step measures one line of the table.
 type step func(ctx context.Context) (result, error)
@@ -44,7 +48,9 @@ func slug(parts ...string) string {
 // dnsStep runs dnsperf against servers (split evenly) as line (path, load).
 func (e *env) dnsStep(path, load string, servers ...netip.Addr) step {
 	return func(ctx context.Context) (result, error) {
-		r, err := e.dnsperf(ctx, slug(path, load), servers...)
+		// Warm-up, not counted: neighbour entries, sessions, caches.
+		_, _ = e.dnsperf(ctx, slug(path, load, "warmup"), warmup, servers...)
+		r, err := e.dnsperf(ctx, slug(path, load), e.duration, servers...)
 		if err != nil {
 			return result{}, err
 		}
@@ -56,7 +62,8 @@ func (e *env) dnsStep(path, load string, servers ...netip.Addr) step {
 // Connection: close, so every request is a new TCP connection.
 func (e *env) httpStep(path, load string, close bool, servers ...netip.Addr) step {
 	return func(ctx context.Context) (result, error) {
-		r, err := e.wrk(ctx, slug(path, load), close, servers...)
+		_, _ = e.wrk(ctx, slug(path, load, "warmup"), warmup, close, servers...)
+		r, err := e.wrk(ctx, slug(path, load), e.duration, close, servers...)
 		if err != nil {
 			return result{}, err
 		}

@@ -127,7 +127,7 @@ func httpURL(a netip.Addr) string {
 
 // wrk runs wrk from the client against each server at once, the
 // connections split evenly, and merges the results.
-func (e *env) wrk(ctx context.Context, label string, close bool, servers ...netip.Addr) (wrkResult, error) {
+func (e *env) wrk(ctx context.Context, label string, d time.Duration, close bool, servers ...netip.Addr) (wrkResult, error) {
 	n := len(servers)
 	conns := max(1, e.loads.wrkConns/n)
 	threads := min(max(1, e.loads.wrkThreads/n), conns)
@@ -139,7 +139,7 @@ func (e *env) wrk(ctx context.Context, label string, close bool, servers ...neti
 		go func() {
 			defer wg.Done()
 			name := fmt.Sprintf("wrk-%s-%d", label, i)
-			out, err := e.run(ctx, e.topo.Client, "wrk", wrkArgs(httpURL(s), e.duration, threads, conns, close)...)
+			out, err := e.run(ctx, e.topo.Client, "wrk", wrkArgs(httpURL(s), d, threads, conns, close)...)
 			if err != nil {
 				errs[i] = err
 				return
