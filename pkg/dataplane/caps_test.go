@@ -63,6 +63,12 @@ func TestLoaderMinimalCapabilities(t *testing.T) {
 		if err := dp.AddSNAT(SNATRule{Src: net4, Proto: UDP, To: vip4}); err != nil {
 			t.Errorf("add with CAP_BPF+CAP_NET_ADMIN: %v", err)
 		}
+		if _, err := dp.AttachSteer("v0", SteerOptions{CheckSocket: true}); err != nil {
+			t.Errorf("attach steer with CAP_BPF+CAP_NET_ADMIN: %v", err)
+		}
+		if err := dp.AddSteerUpstream(TCP, upstream4); err != nil {
+			t.Errorf("add steered upstream with CAP_BPF+CAP_NET_ADMIN: %v", err)
+		}
 		if _, err := dp.Stats(); err != nil {
 			t.Errorf("stats with CAP_BPF+CAP_NET_ADMIN: %v", err)
 		}
