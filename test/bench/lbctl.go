@@ -28,8 +28,9 @@ type lbService struct {
 }
 
 type lbConfig struct {
-	Log      map[string]string `yaml:"log"`
-	Services []lbService       `yaml:"services"`
+	Log          map[string]string `yaml:"log"`
+	DrainTimeout string            `yaml:"drain_timeout"`
+	Services     []lbService       `yaml:"services"`
 }
 
 // lbctlOptions choose what renderLbctl puts in the config.
@@ -77,7 +78,9 @@ func renderLbctl(o lbctlOptions) (string, error) {
 		}
 		return s
 	}
-	c := lbConfig{Log: map[string]string{"level": "warn", "format": "console"}}
+	// A short drain: the scenario's cleanup stops lbctl once its loads
+	// have ended (and kills it 5 s after SIGTERM).
+	c := lbConfig{Log: map[string]string{"level": "warn", "format": "console"}, DrainTimeout: "2s"}
 	if o.dns4 {
 		c.Services = append(c.Services, svc("dns4", "udp", netip.AddrPortFrom(topo.VIP4, 53), false))
 	}

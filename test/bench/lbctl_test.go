@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lbctl/lbctl/pkg/config"
 )
@@ -40,6 +41,9 @@ func TestRenderLbctlProxy(t *testing.T) {
 	c, err := config.Parse("bench.yaml", []byte(text))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if c.DrainTimeout != 2*time.Second {
+		t.Errorf("drain_timeout %v, want 2s", c.DrainTimeout)
 	}
 	dns, web := c.Services[0], c.Services[1]
 	if dns.Listen != netip.MustParseAddrPort("[2001:db8:98::10]:53") || dns.Responses != 1 {
