@@ -43,7 +43,8 @@ func doctorIn(t *testing.T, h *topo.Host, cfg string, extra ...string) (int, str
 	t.Helper()
 	var code int
 	var out, stderr string
-	args := append([]string{"--bpffs", h.BPFFS, "doctor", "-c", cfg}, extra...)
+	// A generous probe timeout: a loaded CI machine must not fail a healthy check.
+	args := append([]string{"--bpffs", h.BPFFS, "doctor", "-c", cfg, "--timeout", "3s"}, extra...)
 	if err := h.Do(func() error {
 		code, out, stderr = lbctl(t, args...)
 		return nil
