@@ -48,6 +48,16 @@ func tcpBackend(t *testing.T, name string) netip.AddrPort {
 					if err != nil {
 						return
 					}
+					if line == "drip\n" { // 15 bytes, 100ms apart, then silence
+						for range 15 {
+							time.Sleep(100 * time.Millisecond)
+							if _, err := c.Write([]byte{'.'}); err != nil {
+								return
+							}
+						}
+						io.Copy(io.Discard, c)
+						return
+					}
 					if line == "raw\n" { // echo the rest, then half-close back
 						io.Copy(c, r)
 						c.(*net.TCPConn).CloseWrite()
@@ -226,6 +236,27 @@ func TestTCPIdleTimeout(t *testing.T) {
 	// Then silence: the proxy closes the connection (EOF), not our deadline.
 	if _, err := r.ReadByte(); err != io.EOF {
 		t.Fatalf("idle connection: read error %v, want EOF from the proxy", err)
+	}
+}
+
+// Bytes trickling one way for longer than the idle timeout keep the
+// connection open, although the other way is silent and no splice chunk
+// fills; once both ways are silent the proxy closes it.
+func TestTCPIdleTimeoutSpansSlowTransfer(t *testing.T) {
+	f := startTCP(t, Service{Timeout: 300 * time.Millisecond}, pool(t, "round_robin", tcpBackend(t, "dev1")))
+	c, err := net.Dial("tcp", f.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	fmt.Fprintf(c, "drip\n")
+	got, err := io.ReadAll(c)
+	if string(got) != strings.Repeat(".", 15) {
+		t.Fatalf("slow transfer: got %q (%v), want all 15 bytes before the close", got, err)
+	}
+	if err != nil {
+		t.Fatalf("slow transfer ended with %v, want EOF from the idle timeout", err)
 	}
 }
 

@@ -174,15 +174,14 @@ func (t *TCP) serve(c *tcpConn, st *tcpState) {
 		up.Close()
 		return
 	}
-	var last atomic.Int64
-	last.Store(time.Now().UnixNano())
+	var idle [2]atomic.Bool
 	done := make(chan struct{})
 	go func() {
-		n := relay(up, c.client, st.svc.Timeout, &last)
+		n := relay(up, c.client, st.svc.Timeout, &idle[0], &idle[1])
 		t.stats.bytesIn.Add(uint64(n))
 		close(done)
 	}()
-	n := relay(c.client, up, st.svc.Timeout, &last)
+	n := relay(c.client, up, st.svc.Timeout, &idle[1], &idle[0])
 	t.stats.bytesOut.Add(uint64(n))
 	<-done
 }
@@ -223,10 +222,16 @@ func (t *TCP) connect(c *tcpConn, st *tcpState, client netip.AddrPort) (*net.TCP
 // relay copies src to dst until EOF, then half-closes dst (CloseWrite), so
 // the other direction may go on. io.Copy between two *net.TCPConn splices
 // in the kernel; the copy goes in chunks (a LimitedReader over a TCPConn
-// still splices) so the idle deadline can be renewed. The connection is idle
-// when neither direction moved a byte for timeout (last is shared by both).
-// On an error or an idle timeout both sides are closed.
-func relay(dst, src *net.TCPConn, timeout time.Duration, last *atomic.Int64) int64 {
+// still splices) so the idle deadline can be renewed.
+//
+// Idle timeout: a splice in progress reports the bytes it moved only when
+// it returns, so each direction's read deadline is renewed every timeout
+// and a direction that returns with nothing moved marks itself idle (me);
+// the connection is idle, and both sides are closed, when the other
+// direction is idle too (a window with nothing moved, or finished). Dead
+// connections end between timeout and 2×timeout. On an error both sides
+// are closed.
+func relay(dst, src *net.TCPConn, timeout time.Duration, me, other *atomic.Bool) int64 {
 	var total int64
 	lr := &io.LimitedReader{R: src}
 	for {
@@ -236,18 +241,17 @@ func relay(dst, src *net.TCPConn, timeout time.Duration, last *atomic.Int64) int
 		lr.N = spliceChunk
 		n, err := dst.ReadFrom(lr)
 		total += n
-		if n > 0 {
-			last.Store(time.Now().UnixNano())
-		}
+		me.Store(n == 0)
 		switch {
 		case err == nil && lr.N > 0: // EOF before the chunk's end
+			me.Store(true)
 			dst.CloseWrite()
 			return total
 		case err == nil:
 			continue
 		case errors.Is(err, os.ErrDeadlineExceeded):
-			if time.Since(time.Unix(0, last.Load())) < timeout {
-				continue // the other direction is busy
+			if n > 0 || !other.Load() {
+				continue // bytes moved, here or (maybe) the other way
 			}
 		}
 		// Reset, idle timeout or closed by Stop: close both, which also
