@@ -54,19 +54,21 @@ type TransparentDialer struct {
 	// IdleUDP bounds the UDP sockets kept for reuse; 0 = 1024.
 	IdleUDP int
 	mu      sync.Mutex
-	idle    map[udpPair]*net.UDPConn // socket of a session that ended cleanly
-	order   []udpPair                // idle keys, oldest first
-	live    map[*net.UDPConn]udpPair // sockets of sessions, by idle key
-	busy    map[netip.AddrPort]int   // client address:port -> live sockets on it
+	idle    map[netip.AddrPort]*idleUDP // by client address:port, or address:0 after a fallback
+	order   []netip.AddrPort            // idle keys, oldest first
+	live    map[*net.UDPConn]netip.AddrPort
+	busy    map[netip.AddrPort]int // client address:port -> live sockets on it
 
 	// SamePort counts sockets that got the client's own port, OtherPort
 	// those that fell back to a kernel-chosen port.
 	SamePort, OtherPort atomic.Uint64
 }
 
-// udpPair keys a kept UDP socket: the client's address:port (its own
-// port) or address:0 (a kernel-chosen port), and the upstream.
-type udpPair struct{ client, upstream netip.AddrPort }
+// idleUDP is a kept UDP socket and the upstream it is connected to.
+type idleUDP struct {
+	c        *net.UDPConn
+	upstream netip.AddrPort
+}
 
 // NewTransparentDialer returns a dialer that sends only to upstreams.
 func NewTransparentDialer(upstreams []netip.AddrPort, iface string) *TransparentDialer {
@@ -178,35 +180,49 @@ func (d *TransparentDialer) DialTCP(ctx context.Context, client, upstream netip.
 }
 
 // DialUDP implements Dialer: a socket bound to the client's address (and
-// port when free) and connected to upstream.
+// port when free) and connected to upstream. A socket kept from the
+// client's last clean session is taken first and, if that session went to
+// another upstream, connected anew (one connect instead of socket, options,
+// bind and connect).
 func (d *TransparentDialer) DialUDP(client, upstream netip.AddrPort) (*net.UDPConn, error) {
 	client, upstream, err := d.check(client, upstream)
 	if err != nil {
 		return nil, err
 	}
-	own := udpPair{client, upstream}
-	any := udpPair{netip.AddrPortFrom(client.Addr(), 0), upstream}
+	own, any := client, netip.AddrPortFrom(client.Addr(), 0)
 	d.mu.Lock()
 	if d.live == nil {
-		d.live = map[*net.UDPConn]udpPair{}
+		d.live = map[*net.UDPConn]netip.AddrPort{}
 		d.busy = map[netip.AddrPort]int{}
 	}
 	busy := d.busy[client] > 0
 	// The client's own port, kept from its last session; else, while that
 	// port is taken by a live session, a kept socket on another port.
-	for _, k := range []udpPair{own, any} {
+	for _, k := range []netip.AddrPort{own, any} {
 		if k == any && !busy {
 			break
 		}
-		if c := d.idle[k]; c != nil {
-			delete(d.idle, k)
-			d.live[c] = k
-			if k == own {
-				d.busy[client]++
-			}
-			d.mu.Unlock()
-			return c, nil
+		e := d.idle[k]
+		if e == nil {
+			continue
 		}
+		delete(d.idle, k)
+		d.live[e.c] = k
+		if k == own {
+			d.busy[client]++
+		}
+		d.mu.Unlock()
+		if e.upstream == upstream {
+			return e.c, nil
+		}
+		if err := reconnect(e.c, upstream); err == nil {
+			return e.c, nil
+		}
+		d.forget(e.c)
+		e.c.Close()
+		d.mu.Lock()
+		busy = d.busy[client] > 0
+		break
 	}
 	d.mu.Unlock()
 	v6 := client.Addr().Is6()
@@ -218,7 +234,7 @@ func (d *TransparentDialer) DialUDP(client, upstream netip.AddrPort) (*net.UDPCo
 	k := own
 	if err != nil && portTaken(err) {
 		k = any
-		if c, err = d.dialUDP(any.client, upstream, v6); err == nil {
+		if c, err = d.dialUDP(any, upstream, v6); err == nil {
 			d.OtherPort.Add(1)
 		}
 	} else if err == nil {
@@ -234,6 +250,42 @@ func (d *TransparentDialer) DialUDP(client, upstream netip.AddrPort) (*net.UDPCo
 	}
 	d.mu.Unlock()
 	return c, nil
+}
+
+// reconnect points the connected UDP socket c at to.
+func reconnect(c *net.UDPConn, to netip.AddrPort) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var sa unix.Sockaddr
+	if to.Addr().Is4() {
+		sa = &unix.SockaddrInet4{Port: int(to.Port()), Addr: to.Addr().As4()}
+	} else {
+		sa = &unix.SockaddrInet6{Port: int(to.Port()), Addr: to.Addr().As16()}
+	}
+	var cerr error
+	if err := rc.Control(func(fd uintptr) { cerr = unix.Connect(int(fd), sa) }); err != nil {
+		return err
+	}
+	return cerr
+}
+
+// forget drops c from the live sockets; it returns c's idle key.
+func (d *TransparentDialer) forget(c *net.UDPConn) (netip.AddrPort, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	k, ok := d.live[c]
+	if !ok {
+		return k, false
+	}
+	delete(d.live, c)
+	if k.Port() != 0 {
+		if d.busy[k]--; d.busy[k] <= 0 {
+			delete(d.busy, k)
+		}
+	}
+	return k, true
 }
 
 // dialUDP binds without SO_REUSEADDR's sharing for UDP: two sockets with
@@ -273,29 +325,22 @@ func (d *TransparentDialer) dialUDP(local, upstream netip.AddrPort, v6 bool) (*n
 }
 
 // ReleaseUDP implements Dialer. A socket belongs to one client
-// address:port and one upstream; when its session ended cleanly (no reply
-// outstanding) it is kept for that client's next session to the same
-// upstream (a DNS client reusing its source port saves a socket, bind and
-// connect per query), up to IdleUDP sockets, the oldest closed first.
+// address:port (or, after a fallback, to the client's address); when its
+// session ended cleanly (no reply outstanding) it is kept for that client's
+// next session (a DNS client reusing its source port saves a socket, bind
+// and connect per query), up to IdleUDP sockets, the oldest closed first.
 func (d *TransparentDialer) ReleaseUDP(c *net.UDPConn, upstream netip.AddrPort, clean bool) {
 	la, ok := c.LocalAddr().(*net.UDPAddr)
 	if !ok {
+		d.forget(c)
 		c.Close()
 		return
 	}
 	client := unmapAP(la.AddrPort())
-	k := udpPair{client, unmapAP(upstream)}
-	d.mu.Lock()
-	if lk, ok := d.live[c]; ok {
-		delete(d.live, c)
-		k = lk
-		if lk.client.Port() != 0 {
-			if d.busy[lk.client]--; d.busy[lk.client] <= 0 {
-				delete(d.busy, lk.client)
-			}
-		}
+	k, ok := d.forget(c)
+	if !ok {
+		k = client
 	}
-	d.mu.Unlock()
 	if !clean {
 		if d.OnDialFailed != nil {
 			d.OnDialFailed(client, unmapAP(upstream), ErrNoReply)
@@ -309,25 +354,25 @@ func (d *TransparentDialer) ReleaseUDP(c *net.UDPConn, upstream netip.AddrPort, 
 	}
 	d.mu.Lock()
 	if d.idle == nil {
-		d.idle = map[udpPair]*net.UDPConn{}
+		d.idle = map[netip.AddrPort]*idleUDP{}
 	}
 	if old := d.idle[k]; old != nil {
-		old.Close()
+		old.c.Close()
 	}
-	d.idle[k] = c
+	d.idle[k] = &idleUDP{c: c, upstream: unmapAP(upstream)}
 	d.order = append(d.order, k)
 	for len(d.idle) > max && len(d.order) > 0 {
 		o := d.order[0]
 		d.order = d.order[1:]
-		if oc := d.idle[o]; oc != nil && o != k {
-			oc.Close()
+		if e := d.idle[o]; e != nil && o != k {
+			e.c.Close()
 			delete(d.idle, o)
 		}
 	}
 	if len(d.order) > 4*max {
 		// Drop the keys of sockets taken again since, keep the order.
-		seen := make(map[udpPair]bool, len(d.idle))
-		live := make([]udpPair, 0, len(d.idle))
+		seen := make(map[netip.AddrPort]bool, len(d.idle))
+		live := make([]netip.AddrPort, 0, len(d.idle))
 		for i := len(d.order) - 1; i >= 0; i-- {
 			if o := d.order[i]; d.idle[o] != nil && !seen[o] {
 				seen[o] = true
@@ -344,8 +389,8 @@ func (d *TransparentDialer) ReleaseUDP(c *net.UDPConn, upstream netip.AddrPort, 
 func (d *TransparentDialer) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	for k, c := range d.idle {
-		c.Close()
+	for k, e := range d.idle {
+		e.c.Close()
 		delete(d.idle, k)
 	}
 	d.order = nil

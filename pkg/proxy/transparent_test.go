@@ -103,9 +103,10 @@ func TestTransparentDialer(t *testing.T) {
 	for _, fam := range []struct {
 		up, client netip.Addr
 	}{{topo.Backend4(1), topo.Client4}, {topo.Backend6(1), topo.Client6}} {
-		up := netip.AddrPortFrom(fam.up, 8080)
+		up, up2 := netip.AddrPortFrom(fam.up, 8080), netip.AddrPortFrom(fam.up, 8082)
 		serveEcho(t, b1, fam.up, 8080)
-		d := NewTransparentDialer([]netip.AddrPort{up}, "")
+		serveEcho(t, b1, fam.up, 8082)
+		d := NewTransparentDialer([]netip.AddrPort{up, up2}, "")
 		client := netip.AddrPortFrom(fam.client, 40000)
 		other := netip.AddrPortFrom(fam.client, 40001)
 		err := lb.Do(func() error {
@@ -202,6 +203,25 @@ func TestTransparentDialer(t *testing.T) {
 				t.Errorf("udp: port busy: got a new socket, want the kept one on another port")
 			}
 			d.ReleaseUDP(other, up, false)
+
+			// The client's next session goes to another upstream: the
+			// kept socket is connected anew, still on the client's port.
+			d.ReleaseUDP(u, up, true)
+			to2, err := d.DialUDP(client, up2)
+			if err != nil {
+				return fmt.Errorf("dial udp to the second upstream: %w", err)
+			}
+			defer d.ReleaseUDP(to2, up2, false)
+			if to2 != u {
+				t.Errorf("udp to another upstream: a new socket, want the kept one reconnected")
+			}
+			if _, err := to2.Write([]byte("q")); err != nil {
+				return err
+			}
+			to2.SetReadDeadline(time.Now().Add(10 * time.Second))
+			if n, err := to2.Read(b); err != nil || string(b[:n]) != client.String() {
+				t.Errorf("udp on the reconnected socket: %q, %v (want the second upstream to see %s)", b[:n], err, client)
+			}
 			return nil
 		})
 		if err != nil {
