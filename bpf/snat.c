@@ -35,19 +35,16 @@ struct {
 	__type(value, struct snat_value);
 } snat_hosts SEC(".maps");
 
-/* Rule counts kept by user space (under the state's lock) so that the
- * program skips lookups that cannot match: [SNAT_COUNT_HOSTS] = entries in
- * snat_hosts, [SNAT_COUNT_PREFIXES] = the other rules of snat_rules. While
- * the host count is 0 (no host rule, or state from an lbctl that kept no
- * counts) snat_hosts is skipped and snat_rules, which holds every rule,
- * decides alone: always correct. */
-#define SNAT_COUNT_HOSTS 0
-#define SNAT_COUNT_PREFIXES 1
+/* Rule counts by kind (one slot), kept by user space under the state's
+ * lock, so that the program skips lookups that cannot match. While both host
+ * counts are 0 (no host rule, or state from an lbctl that kept no counts)
+ * snat_hosts is skipped and snat_rules, which holds every rule, decides
+ * alone: always correct. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, struct snat_kind_counts);
 } snat_rule_counts SEC(".maps");
 
 /* Packets and bytes rewritten by each rule, indexed by snat_value.rule_id. */
@@ -130,23 +127,22 @@ static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be1
 static __always_inline struct snat_value *rule_match(const struct pkt *p)
 {
 	struct snat_value *exact = NULL, *any;
-	__u32 idx = SNAT_COUNT_HOSTS;
-	__u32 *hosts = bpf_map_lookup_elem(&snat_rule_counts, &idx);
+	__u32 zero = 0;
+	struct snat_kind_counts *n = bpf_map_lookup_elem(&snat_rule_counts, &zero);
 
-	if (hosts && *hosts) {
-		if (p->sport) {
+	if (n && (n->port_hosts || n->any_hosts)) {
+		if (p->sport && n->port_hosts) {
 			exact = host_lookup(p, p->sport);
 			if (exact)
 				return exact;
 		}
-		any = host_lookup(p, 0);
-		if (any)
-			return any;
+		if (n->any_hosts) {
+			any = host_lookup(p, 0);
+			if (any)
+				return any;
+		}
 		/* Every host rule is in snat_hosts: without prefix rules, no match. */
-		idx = SNAT_COUNT_PREFIXES;
-		__u32 *prefixes = bpf_map_lookup_elem(&snat_rule_counts, &idx);
-
-		if (prefixes && !*prefixes)
+		if (!n->prefixes)
 			return NULL;
 	}
 	if (p->sport) {

@@ -64,6 +64,14 @@ struct snat_frag_value {
 	__u32 rule_id;
 };
 
+/* Value of snat_rule_counts (one slot): how many rules of each kind exist,
+ * so that snat skips lookups that cannot match. Kept by user space. */
+struct snat_kind_counts {
+	__u32 port_hosts;	/* host rules (/32, /128) naming a source port */
+	__u32 any_hosts;	/* host rules for any port */
+	__u32 prefixes;		/* the other rules (only in snat_rules) */
+};
+
 /* Value of snat_rule_stats, one slot per rule id, per CPU. */
 struct rule_stats {
 	__u64 packets;

@@ -98,9 +98,9 @@ type Dataplane struct {
 	snat     snatMaps
 	steer    steerMaps
 	ruleIDs  *idAlloc // nil until first needed
-	// host and prefix rules (snat_rule_counts), valid once ruleIDs is set
-	hostRules, prefixRules uint32
-	xdpst                  *xdpState // nil until XDP is first used (xdp.go)
+	// rules of each kind (snat_rule_counts), valid once ruleIDs is set
+	ruleCounts snatSnatKindCounts
+	xdpst      *xdpState // nil until XDP is first used (xdp.go)
 }
 
 // Open mounts a bpffs at opts.Root if none is there, takes the state lock

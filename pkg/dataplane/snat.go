@@ -2,7 +2,7 @@ package dataplane
 
 // The snat object; Go types come from the C structs in bpf/lib/maps.h.
 // `make generate` reruns this and CI diffs the result.
-//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
+//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_kind_counts -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
 
 import (
 	"encoding/binary"
@@ -283,12 +283,10 @@ func (d *Dataplane) AddSNAT(rule SNATRule) error {
 			ids.free(id)
 			return fmt.Errorf("add snat rule %s: host rule table: %w", rule, privHint(err))
 		}
-		if err := d.setRuleCounts(d.hostRules+1, d.prefixRules); err != nil {
-			return fmt.Errorf("add snat rule %s: %w", rule, err)
-		}
-		return nil
 	}
-	if err := d.setRuleCounts(d.hostRules, d.prefixRules+1); err != nil {
+	c := d.ruleCounts
+	*c.of(key) += 1
+	if err := d.setRuleCounts(c); err != nil {
 		return fmt.Errorf("add snat rule %s: %w", rule, err)
 	}
 	return nil
@@ -313,18 +311,18 @@ func (d *Dataplane) DelSNAT(rule SNATRule) (err error) {
 	if !ok {
 		return fmt.Errorf("delete snat rule %s: %w (see lbctl snat list)", rule, ErrRuleNotFound)
 	}
-	hosts, prefixes := d.hostRules, d.prefixRules-1
 	if hk, ok := hostKey(key); ok {
 		if err := d.snat.SnatHosts.Delete(&hk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("delete snat rule %s: host rule table: %w", rule, privHint(err))
 		}
-		hosts, prefixes = d.hostRules-1, d.prefixRules
 	}
+	c := d.ruleCounts
+	*c.of(key) -= 1
 	// The counts go down once the rule is gone; a count left too high (a
 	// failed delete) only costs a lookup, never a missed rule.
 	defer func() {
 		if err == nil {
-			err = d.setRuleCounts(hosts, prefixes)
+			err = d.setRuleCounts(c)
 		}
 	}()
 	if err := d.snat.SnatRules.Delete(&key); err != nil {
@@ -424,9 +422,9 @@ func (d *Dataplane) ids() (*idAlloc, error) {
 // a port host rule only in the trie.
 func (d *Dataplane) syncHosts() error {
 	var (
-		k               snatSnatKey
-		v               snatSnatValue
-		hosts, prefixes uint32
+		k snatSnatKey
+		v snatSnatValue
+		c snatSnatKindCounts
 	)
 	inTrie := map[snatSnatKey]bool{}
 	it := d.snat.SnatRules.Iterate()
@@ -436,10 +434,8 @@ func (d *Dataplane) syncHosts() error {
 				return fmt.Errorf("copy host rules into snat_hosts: %w", privHint(err))
 			}
 			inTrie[hk] = true
-			hosts++
-		} else {
-			prefixes++
 		}
+		*c.of(k) += 1
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("copy host rules into snat_hosts: %w", privHint(err))
@@ -459,25 +455,28 @@ func (d *Dataplane) syncHosts() error {
 			return fmt.Errorf("remove stale host rule from snat_hosts: %w", privHint(err))
 		}
 	}
-	return d.setRuleCounts(hosts, prefixes)
+	return d.setRuleCounts(c)
 }
 
-// Indices of snat_rule_counts (bpf/snat.c).
-const (
-	countHosts    = uint32(0)
-	countPrefixes = uint32(1)
-)
+// of returns the count of the kind of rule k (in snat_rules) is.
+func (c *snatSnatKindCounts) of(k snatSnatKey) *uint32 {
+	switch _, host := hostKey(k); {
+	case !host:
+		return &c.Prefixes
+	case k.Sport != 0:
+		return &c.PortHosts
+	default:
+		return &c.AnyHosts
+	}
+}
 
-// setRuleCounts stores the numbers of host and prefix rules, which the
-// program reads to skip lookups that cannot match.
-func (d *Dataplane) setRuleCounts(hosts, prefixes uint32) error {
-	if err := d.snat.SnatRuleCounts.Update(countHosts, hosts, ebpf.UpdateAny); err != nil {
+// setRuleCounts stores the numbers of rules of each kind, which the program
+// reads to skip lookups that cannot match.
+func (d *Dataplane) setRuleCounts(c snatSnatKindCounts) error {
+	if err := d.snat.SnatRuleCounts.Update(uint32(0), c, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("store the rule counts: %w", privHint(err))
 	}
-	if err := d.snat.SnatRuleCounts.Update(countPrefixes, prefixes, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("store the rule counts: %w", privHint(err))
-	}
-	d.hostRules, d.prefixRules = hosts, prefixes
+	d.ruleCounts = c
 	return nil
 }
 

@@ -56,6 +56,13 @@ type snatSnatKey struct {
 	Addr      [16]uint8
 }
 
+type snatSnatKindCounts struct {
+	_         structs.HostLayout
+	PortHosts uint32
+	AnyHosts  uint32
+	Prefixes  uint32
+}
+
 type snatSnatValue struct {
 	_      structs.HostLayout
 	Addr   [16]uint8

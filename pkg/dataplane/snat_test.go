@@ -513,15 +513,13 @@ func TestSNATHostTable(t *testing.T) {
 	if d := diffPacket(tp.run(t, p.frame()), rewrite(p, vip4, 0).frame()); d != "" {
 		t.Fatalf("after deleting the host rule, want the /28 rule:%s", d)
 	}
-	for idx, want := range map[uint32]uint32{countHosts: 1, countPrefixes: 1} {
-		var n uint32
-		if err := tp.objs.SnatRuleCounts.Lookup(idx, &n); err != nil || n != want {
-			t.Fatalf("snat_rule_counts[%d] = %d (%v), want %d", idx, n, err, want)
-		}
+	var n snatSnatKindCounts
+	if err := tp.objs.SnatRuleCounts.Lookup(uint32(0), &n); err != nil || n != (snatSnatKindCounts{AnyHosts: 1, Prefixes: 1}) {
+		t.Fatalf("snat_rule_counts = %+v (%v), want 1 any-port host rule and 1 prefix rule", n, err)
 	}
-	// A host count of 0 (state from an older lbctl) skips snat_hosts; the
+	// Host counts of 0 (state from an older lbctl) skip snat_hosts; the
 	// trie still has the host rule.
-	if err := tp.objs.SnatRuleCounts.Update(countHosts, uint32(0), ebpf.UpdateAny); err != nil {
+	if err := tp.objs.SnatRuleCounts.Update(uint32(0), snatSnatKindCounts{Prefixes: 1}, ebpf.UpdateAny); err != nil {
 		t.Fatal(err)
 	}
 	p6 := pkt{src: backend6, dst: client6, proto: UDP, payload: []byte("q")}

@@ -44,6 +44,13 @@ type snatTraceSnatKey struct {
 	Addr      [16]uint8
 }
 
+type snatTraceSnatKindCounts struct {
+	_         structs.HostLayout
+	PortHosts uint32
+	AnyHosts  uint32
+	Prefixes  uint32
+}
+
 type snatTraceSnatValue struct {
 	_      structs.HostLayout
 	Addr   [16]uint8
