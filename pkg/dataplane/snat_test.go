@@ -527,6 +527,17 @@ func TestSNATHostTable(t *testing.T) {
 		t.Fatalf("host rule not found in the trie with snat_hosts skipped:%s", d)
 	}
 
+	// Port host rules only: the any-port and trie lookups are skipped.
+	only := newTestProg(t)
+	only.add(t, host4)
+	other := pkt{src: netip.AddrPortFrom(backend4.Addr(), 54), dst: client4, proto: UDP, payload: []byte("q")}
+	if d := diffPacket(only.run(t, other.frame()), other.frame()); d != "" {
+		t.Fatalf("port 54 matched the port-53 host rule:%s", d)
+	}
+	if d := diffPacket(only.run(t, p.frame()), rewrite(p, vip4, 5353).frame()); d != "" {
+		t.Fatalf("port host rule alone not applied:%s", d)
+	}
+
 	// Older state: a port host rule in the trie only.
 	old := newTestProg(t)
 	a, b := netip.MustParseAddr("198.18.98.1"), netip.MustParseAddr("198.18.98.2")
