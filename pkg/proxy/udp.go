@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -298,11 +299,41 @@ func (ss *session) timeout() time.Duration {
 
 var replyBufs = sync.Pool{New: func() any { b := make([]byte, maxDatagram); return &b }}
 
+// readReply waits for a datagram on c (deadline included) and reads it
+// into a pooled buffer taken only once one is there: a waiting session
+// holds no 64 KiB buffer, so idle sessions cost a goroutine, not memory.
+func readReply(c *net.UDPConn) (*[]byte, int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, 0, err
+	}
+	var bp *[]byte
+	var n int
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		bp = replyBufs.Get().(*[]byte)
+		n, _, rerr = unix.Recvfrom(int(fd), *bp, unix.MSG_DONTWAIT)
+		if rerr == unix.EAGAIN || rerr == unix.EINTR {
+			replyBufs.Put(bp)
+			bp = nil
+			return false // not ready: wait in the poller
+		}
+		return true
+	})
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		if bp != nil { // read, but failed (port unreachable)
+			replyBufs.Put(bp)
+		}
+		return nil, 0, err
+	}
+	return bp, n, nil
+}
+
 // run reads the upstream's replies and relays them to the client.
 func (ss *session) run() {
-	bp := replyBufs.Get().(*[]byte)
-	defer replyBufs.Put(bp)
-	buf := *bp
 	timeout := ss.timeout()
 	for {
 		ss.mu.Lock()
@@ -313,19 +344,21 @@ func (ss *session) run() {
 		}
 		sendErr := ss.sendErr
 		ss.mu.Unlock()
-		var n int
 		var err error
 		if sendErr != nil {
 			err = sendErr
 		} else {
 			conn.SetReadDeadline(deadline)
-			n, err = conn.Read(buf)
-		}
-		if err == nil {
-			if !ss.reply(buf[:n]) {
-				return
+			var bp *[]byte
+			var n int
+			if bp, n, err = readReply(conn); err == nil {
+				more := ss.reply((*bp)[:n])
+				replyBufs.Put(bp)
+				if !more {
+					return
+				}
+				continue
 			}
-			continue
 		}
 		now := time.Now()
 		ss.mu.Lock()
