@@ -14,6 +14,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "csum.h"
+#include "trace.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -142,6 +143,36 @@ struct lbpkt {
 	__u8 unsupported;		/* IPv4 options or IPv6 extension headers */
 	__u8 fragment;			/* any fragment of a datagram */
 };
+
+#ifdef LBCTL_TRACE
+/* trace_xdp reports what xdp_lb decided for p (lbctl trace); b is the
+ * backend the destination was rewritten to, if any. */
+static __always_inline void trace_xdp(struct xdp_md *ctx, const struct lbpkt *p, __u8 decision,
+				      const struct xdp_backend *b, __u32 len)
+{
+	struct trace_event ev = {
+		.ifindex = ctx->ingress_ifindex,
+		.len = len,
+		.prog = TRACE_PROG_XDP,
+		.decision = decision,
+		.family = p->flow.family,
+		.proto = p->flow.proto,
+		.sport = p->flow.sport,
+		.dport = p->flow.dport,
+	};
+
+	__builtin_memcpy(ev.saddr, p->flow.saddr, sizeof(ev.saddr));
+	__builtin_memcpy(ev.daddr, p->flow.daddr, sizeof(ev.daddr));
+	if (b) {
+		__builtin_memcpy(ev.new_addr, b->addr, sizeof(ev.new_addr));
+		ev.new_port = b->port;
+	}
+	trace_emit(&ev);
+}
+#define TRACE_XDP(ctx, p, decision, b, len) trace_xdp(ctx, p, decision, b, len)
+#else
+#define TRACE_XDP(ctx, p, decision, b, len) do { } while (0)
+#endif
 
 static __always_inline __u32 rol32(__u32 x, int r) { return (x << r) | (x >> (32 - r)); }
 
@@ -467,59 +498,79 @@ int xdp_lb(struct xdp_md *ctx)
 
 	/* No XDP_C_SEEN increment: user space sums the verdict counters
 	 * (one map lookup less per packet). */
-	if (parse(ctx, &p) < 0)
+	if (parse(ctx, &p) < 0) {
+		TRACE_XDP(ctx, &p, TRACE_NOT_PARSED, NULL, len);
 		return count(XDP_C_PASSED, XDP_PASS);
+	}
 
 	struct xdp_service *svc;
 
 	if (p.fragment || p.unsupported) {
 		/* No port to match (or not read): is it a VIP at all? Port 0
 		 * entries mark the VIP addresses (user space adds them). */
-		if (!service_lookup(&p, 0))
+		if (!service_lookup(&p, 0)) {
+			TRACE_XDP(ctx, &p, TRACE_NO_RULE, NULL, len);
 			return count(XDP_C_PASSED, XDP_PASS);
+		}
+		TRACE_XDP(ctx, &p, TRACE_PASSED, NULL, len);
 		if (p.fragment)
 			return count(XDP_C_FRAGMENTS, XDP_PASS);
 		return count(XDP_C_UNSUPPORTED, XDP_PASS);
 	}
 	svc = service_lookup(&p, p.flow.dport);
-	if (!svc)
+	if (!svc) {
+		TRACE_XDP(ctx, &p, TRACE_NO_RULE, NULL, len);
 		return count(XDP_C_PASSED, XDP_PASS);
+	}
 	__u32 service_id = svc->id;
 
 	struct xdp_backend *b = NULL;
 	__u32 id = pick_backend(&p, service_id, &b);
 
-	if (id == XDP_NO_BACKEND || !b)
+	if (id == XDP_NO_BACKEND || !b) {
+		TRACE_XDP(ctx, &p, TRACE_DROPPED, NULL, len);
 		return count(XDP_C_DROPPED, XDP_DROP);
+	}
 
 	struct xdp_backend be = *b;
 
-	if (rewrite_dst(ctx, &p, &be))
+	if (rewrite_dst(ctx, &p, &be)) {
+		TRACE_XDP(ctx, &p, TRACE_ERROR, &be, len);
 		return count(XDP_C_ERRORS, XDP_PASS);
+	}
 	count_bytes(&xdp_service_stats, service_id, len);
 	count_bytes(&xdp_backend_stats, id, len);
 
 	struct xdp_fib_entry nh = {};
 
-	if (next_hop(ctx, id, &be, &p, &nh))
+	if (next_hop(ctx, id, &be, &p, &nh)) {
+		TRACE_XDP(ctx, &p, TRACE_FIB_MISS, &be, len);
 		return count(XDP_C_FIB_MISS, XDP_PASS);
+	}
 
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
 
-	if ((void *)(eth + 1) > data_end)
+	if ((void *)(eth + 1) > data_end) {
+		TRACE_XDP(ctx, &p, TRACE_ERROR, &be, len);
 		return count(XDP_C_ERRORS, XDP_PASS);
+	}
 	__builtin_memcpy(eth->h_dest, nh.dmac, 6);
 	__builtin_memcpy(eth->h_source, nh.smac, 6);
-	if (nh.out_ifindex == ctx->ingress_ifindex)
+	if (nh.out_ifindex == ctx->ingress_ifindex) {
+		TRACE_XDP(ctx, &p, TRACE_REWRITTEN, &be, len);
 		return count(XDP_C_TX, XDP_TX);
+	}
 
 	long rc = bpf_redirect_map(&xdp_tx_ports, nh.out_ifindex, 0);
 
 	if (rc != XDP_REDIRECT)
 		rc = bpf_redirect(nh.out_ifindex, 0);
-	if (rc != XDP_REDIRECT)
+	if (rc != XDP_REDIRECT) {
+		TRACE_XDP(ctx, &p, TRACE_ERROR, &be, len);
 		return count(XDP_C_ERRORS, XDP_PASS);
+	}
+	TRACE_XDP(ctx, &p, TRACE_REWRITTEN, &be, len);
 	return count(XDP_C_REDIRECTED, XDP_REDIRECT);
 }

@@ -28,6 +28,7 @@ enum trace_decision {
 	TRACE_FIB_MISS = 6,	/* no route or neighbour for the rewritten packet: passed to the stack */
 	TRACE_STEERED = 7,	/* delivered to a local socket */
 	TRACE_DROPPED = 8,	/* dropped */
+	TRACE_PASSED = 9,	/* passed to the stack unchanged (fragment, unsupported header) */
 };
 
 /* One event in the ring buffer. Addresses in network order; IPv4 fills the

@@ -31,6 +31,7 @@ var why = map[string]string{
 	"fib_miss":   "no route or neighbour: passed to the stack",
 	"steered":    "delivered to the local socket",
 	"dropped":    "dropped",
+	"passed":     "passed to the stack unchanged (fragment or unsupported header)",
 }
 
 func runTrace(ctx context.Context, e *env, args []string) error {

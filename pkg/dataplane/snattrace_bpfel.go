@@ -71,6 +71,7 @@ const (
 	snatTraceTraceDecisionTRACE_FIB_MISS   snatTraceTraceDecision = 6
 	snatTraceTraceDecisionTRACE_STEERED    snatTraceTraceDecision = 7
 	snatTraceTraceDecisionTRACE_DROPPED    snatTraceTraceDecision = 8
+	snatTraceTraceDecisionTRACE_PASSED     snatTraceTraceDecision = 9
 )
 
 type snatTraceTraceEvent struct {

@@ -8,6 +8,9 @@ package dataplane
 // The tracing variant of steer, likewise.
 //go:generate go tool bpf2go -cc clang-19 -target bpfel steerTrace ../../bpf/steer.c -- -DLBCTL_TRACE -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
 
+// The tracing variant of xdp_lb, likewise.
+//go:generate go tool bpf2go -cc clang-19 -target bpfel xdpTrace ../../bpf/xdp_lb.c -- -DLBCTL_TRACE -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
+
 import (
 	"encoding/binary"
 	"errors"
@@ -56,6 +59,7 @@ var traceDecisions = [...]string{
 	snatTraceTraceDecisionTRACE_FIB_MISS:   "fib_miss",
 	snatTraceTraceDecisionTRACE_STEERED:    "steered",
 	snatTraceTraceDecisionTRACE_DROPPED:    "dropped",
+	snatTraceTraceDecisionTRACE_PASSED:     "passed",
 }
 
 var tracePrograms = [...]string{
@@ -87,7 +91,7 @@ type Tracer struct {
 	ifnames map[uint32]string
 }
 
-// StartTrace loads the tracing variant of every traced program (snat, steer) with
+// StartTrace loads the tracing variant of every traced program (snat, steer, xdp_lb) with
 // filter f and swaps it into each of the program's attachments in place
 // (Link.Update: no packet misses the hook). Read returns the events; Close
 // swaps the original programs back. If lbctl dies without Close, the
@@ -146,6 +150,34 @@ var traceables = map[string]traceable{
 		return d.loadSnatTrace(f, events)
 	}},
 	steerProg.name: {steerProg, (*Dataplane).loadSteerTrace},
+	"xdp_lb":       {tcProg{name: "xdp_lb"}, (*Dataplane).loadXdpTrace},
+}
+
+func (d *Dataplane) loadXdpTrace(orig *ebpf.Program, f TraceFilter, events *ebpf.Map) (*ebpf.Program, error) {
+	st, err := d.xdp()
+	if err != nil {
+		return nil, err
+	}
+	spec, err := loadXdpTrace()
+	if err != nil {
+		return nil, fmt.Errorf("load xdp_lb trace spec: %w", err)
+	}
+	normal, err := loadXdp()
+	if err != nil {
+		return nil, fmt.Errorf("load xdp_lb spec: %w", err)
+	}
+	if err := copyConsts(orig, normal, spec); err != nil {
+		return nil, fmt.Errorf("trace xdp_lb: %w", err)
+	}
+	if err := setTraceFilter(spec, f); err != nil {
+		return nil, err
+	}
+	var progs xdpTracePrograms
+	opts := &ebpf.CollectionOptions{MapReplacements: mapsByName(&st.maps, events)}
+	if err := spec.LoadAndAssign(&progs, opts); err != nil {
+		return nil, loadErr("load xdp_lb trace program", d.dir, err)
+	}
+	return progs.XdpLb, nil
 }
 
 func (d *Dataplane) loadSteerTrace(orig *ebpf.Program, f TraceFilter, events *ebpf.Map) (*ebpf.Program, error) {
@@ -277,7 +309,12 @@ func setTraceFilter(spec *ebpf.CollectionSpec, f TraceFilter) error {
 func (t *Tracer) swap(a Attachment, tc traceable, f TraceFilter) error {
 	p := tc.prog
 	pin := filepath.Join(t.d.linkDir(a.Interface), p.name)
-	switch a.Method {
+	method := a.Method
+	if mode, ok := strings.CutPrefix(string(a.Method), "xdp-"); ok {
+		pin = filepath.Join(t.d.linkDir(a.Interface), XDPMode(mode).pinName())
+		method = MethodTCX // a bpf link too: updated in place
+	}
+	switch method {
 	case MethodTCX:
 		l, err := link.LoadPinnedLink(pin, nil)
 		if err != nil {

@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
@@ -263,6 +264,7 @@ func TestTraceSharesEveryMap(t *testing.T) {
 	}{
 		{"snat", loadSnatTrace, &snatMaps{}},
 		{"steer", loadSteerTrace, &steerMaps{}},
+		{"xdp_lb", loadXdpTrace, &xdpMaps{}},
 	} {
 		spec, err := c.traced()
 		if err != nil {
@@ -281,6 +283,60 @@ func TestTraceSharesEveryMap(t *testing.T) {
 			if _, ok := got[name]; !ok {
 				t.Errorf("%s: the tracing variant's map %s is not shared", c.name, name)
 			}
+		}
+	}
+}
+
+// TestTraceXDP: the xdp_lb tracing variant, run on a frame to a VIP and on
+// one to an address that is no VIP, reports the backend the destination
+// was rewritten to and "no_rule".
+func TestTraceXDP(t *testing.T) {
+	e := newXDPEnv(t)
+	svc := XDPService{VIP: netip.AddrPortFrom(vip4, 53), Proto: UDP}
+	e.set(t, svc, []netip.AddrPort{backendN4(1), backendN4(2)}, 0)
+	events, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.RingBuf, MaxEntries: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer events.Close()
+	prog, err := e.d.loadXdpTrace(e.objs.XdpLb, TraceFilter{Addr: client4.Addr()}, events)
+	if err != nil {
+		t.Fatalf("load xdp_lb trace: %v", err)
+	}
+	defer prog.Close()
+	rd, err := ringbuf.NewReader(events)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	other := netip.MustParseAddrPort("198.18.98.11:53")
+	for _, dst := range []netip.AddrPort{svc.VIP, other} {
+		in := pkt{src: client4, dst: dst, proto: UDP, payload: []byte("query")}.frame()
+		e.inNS(t, func() error {
+			_, err := prog.Run(&ebpf.RunOptions{Data: in, DataOut: make([]byte, len(in)+256),
+				Context: xdpMd{DataEnd: uint32(len(in)), IngressIfindex: e.ifindex}})
+			return err
+		})
+	}
+	tr := &Tracer{ifnames: map[uint32]string{}}
+	want := []struct {
+		dst      netip.AddrPort
+		decision string
+		new      netip.AddrPort
+	}{{svc.VIP, "rewritten", backendN4(1)}, {other, "no_rule", netip.AddrPort{}}}
+	for _, w := range want {
+		rd.SetDeadline(time.Now().Add(10 * time.Second)) // hang guard
+		rec, err := rd.Read()
+		if err != nil {
+			t.Fatalf("read event: %v", err)
+		}
+		var raw snatTraceTraceEvent
+		if _, err := binary.Decode(rec.RawSample, binary.NativeEndian, &raw); err != nil {
+			t.Fatal(err)
+		}
+		ev := tr.event(raw)
+		if ev.Program != "xdp_lb" || ev.Src != client4 || ev.Dst != w.dst || ev.Decision != w.decision || ev.New != w.new {
+			t.Errorf("event %+v, want to %s: %s %s", ev, w.dst, w.decision, w.new)
 		}
 	}
 }
