@@ -108,6 +108,13 @@ func TestDSRFrontend(t *testing.T) {
 					t.Errorf("datagram %d went to upstream %d, want %d: not in turn", k, got, (start+k)%4)
 				}
 			}
+			// The counters move after sendmmsg returns, which may be after
+			// the upstream already has the datagram: wait for them.
+			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+				if d.Stats().Accepted == 8 && d.DSRStats().Sent.Load() == 8 {
+					break
+				}
+			}
 			st := d.Stats()
 			if st.Accepted != 8 || st.Failed != 0 || st.BytesIn == 0 || d.DSRStats().Sent.Load() != 8 {
 				t.Errorf("stats %+v, sent %d; want 8 accepted", st, d.DSRStats().Sent.Load())
