@@ -343,3 +343,23 @@ func TestUDPReusesUpstreamSockets(t *testing.T) {
 		t.Fatalf("stats %+v, want 21 sessions", s)
 	}
 }
+
+// max_conns bounds sessions: a new client's datagram is dropped while the
+// one session is open; the open session goes on.
+func TestUDPMaxConns(t *testing.T) {
+	a, n := udpBackend(t, "dev1", 1, lo4)
+	f := startUDP(t, Service{Responses: -1, Timeout: time.Minute, MaxConns: 1}, pool(t, "round_robin", a))
+	first := client(t, f.Addr())
+	if got := query(t, first, "one"); got != "dev1 one" {
+		t.Fatalf("first client: %q", got)
+	}
+	second := client(t, f.Addr())
+	second.Write([]byte("over the limit"))
+	waitFor(t, "second client rejected", func() bool { return f.Stats().Rejected == 1 })
+	if got := query(t, first, "two"); got != "dev1 two" {
+		t.Fatalf("first client after the rejection: %q", got)
+	}
+	if n.Load() != 2 {
+		t.Fatalf("upstream got %d datagrams, want the first client's 2 only", n.Load())
+	}
+}
