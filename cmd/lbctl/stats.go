@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/lbctl/lbctl/pkg/daemon"
 	"github.com/lbctl/lbctl/pkg/dataplane"
 )
 
@@ -37,7 +38,7 @@ func runStats(ctx context.Context, e *env, args []string) error {
 		return usagef("--interval %s: want a positive duration", *interval)
 	}
 	if !*watch {
-		st, err := readStats(e)
+		st, err := readStats(ctx, e)
 		if err != nil {
 			return err
 		}
@@ -47,12 +48,12 @@ func runStats(ctx context.Context, e *env, args []string) error {
 		return printStats(e.stdout, st, nil, 0)
 	}
 	clear := isTerminal(e.stdout) && !*asJSON
-	var prev *dataplane.Stats
+	var prev *snapshot
 	var prevAt time.Time
 	tick := time.NewTicker(*interval)
 	defer tick.Stop()
 	for n := 1; ; n++ {
-		st, err := readStats(e)
+		st, err := readStats(ctx, e)
 		if err != nil {
 			return err
 		}
@@ -84,51 +85,73 @@ func runStats(ctx context.Context, e *env, args []string) error {
 	}
 }
 
+// snapshot is what stats prints: the BPF counters (top level, as before)
+// and, when lbctl run runs for this --bpffs, its services' counters.
+type snapshot struct {
+	dataplane.Stats
+	Services []daemon.ServiceStatus `json:"services,omitempty"`
+}
+
 // watchJSON is one refresh of stats --watch --json (one object per line).
 type watchJSON struct {
 	Time  time.Time          `json:"time"`
-	Stats dataplane.Stats    `json:"stats"`
+	Stats snapshot           `json:"stats"`
 	Rates map[string]float64 `json:"rates_per_second,omitempty"` // "program/counter" -> rate
 }
 
-func readStats(e *env) (dataplane.Stats, error) {
+func readStats(ctx context.Context, e *env) (snapshot, error) {
 	st := dataplane.Stats{SNAT: []dataplane.Counter{}, SNATRules: []dataplane.RuleStats{}}
+	var snap snapshot
+	if ds, err := daemon.QueryStatus(ctx, daemon.ControlSocket(e.bpffs)); err == nil {
+		snap.Services = ds.Services
+	}
 	dp, err := openReader(e)
 	switch {
 	case errorsIsNoState(err):
-		return st, nil
+		snap.Stats = st
+		return snap, nil
 	case err != nil:
-		return st, err
+		return snap, err
 	}
 	defer dp.Close()
 	if st, err = dp.Stats(); err != nil {
-		return st, err
+		return snap, err
 	}
 	if st.SNATRules == nil {
 		st.SNATRules = []dataplane.RuleStats{}
 	}
-	return st, nil
+	snap.Stats = st
+	return snap, nil
 }
 
 // rates returns per-second rates of every program counter since prev.
-func rates(prev *dataplane.Stats, cur dataplane.Stats, elapsed time.Duration) map[string]float64 {
+func rates(prev *snapshot, cur snapshot, elapsed time.Duration) map[string]float64 {
 	if prev == nil || elapsed <= 0 {
 		return nil
 	}
-	old := map[string]uint64{}
-	for _, p := range prev.Programs() {
-		for _, c := range p.Counters {
-			old[p.Name+"/"+c.Name] = c.Value
+	old, now := counterMap(*prev), counterMap(cur)
+	out := map[string]float64{}
+	for k, v := range now {
+		if o, ok := old[k]; ok && v >= o {
+			out[k] = float64(v-o) / elapsed.Seconds()
 		}
 	}
-	out := map[string]float64{}
-	for _, p := range cur.Programs() {
+	return out
+}
+
+// counterMap flattens the counters that have rates: "program/counter" and
+// "service/NAME/accepted|bytes_in|bytes_out".
+func counterMap(s snapshot) map[string]uint64 {
+	out := map[string]uint64{}
+	for _, p := range s.Programs() {
 		for _, c := range p.Counters {
-			k := p.Name + "/" + c.Name
-			if o, ok := old[k]; ok && c.Value >= o {
-				out[k] = float64(c.Value-o) / elapsed.Seconds()
-			}
+			out[p.Name+"/"+c.Name] = c.Value
 		}
+	}
+	for _, sv := range s.Services {
+		out["service/"+sv.Name+"/accepted"] = sv.Stats.Accepted
+		out["service/"+sv.Name+"/bytes_in"] = sv.Stats.BytesIn
+		out["service/"+sv.Name+"/bytes_out"] = sv.Stats.BytesOut
 	}
 	return out
 }
@@ -136,8 +159,29 @@ func rates(prev *dataplane.Stats, cur dataplane.Stats, elapsed time.Duration) ma
 func ruleKey(r dataplane.RuleStats) string { return r.SNATRule.String() }
 
 // printStats prints the tables; with prev, a RATE column (per second).
-func printStats(w io.Writer, st dataplane.Stats, prev *dataplane.Stats, elapsed time.Duration) error {
+func printStats(w io.Writer, st snapshot, prev *snapshot, elapsed time.Duration) error {
 	rs := rates(prev, st, elapsed)
+	if len(st.Services) > 0 {
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		if prev != nil {
+			fmt.Fprintln(tw, "SERVICE\tMODE\tACCEPTED\tACTIVE\tREJECTED\tFAILED\tBYTES IN\tBYTES OUT\tACCEPTED/s\tIN B/s\tOUT B/s")
+		} else {
+			fmt.Fprintln(tw, "SERVICE\tMODE\tACCEPTED\tACTIVE\tREJECTED\tFAILED\tBYTES IN\tBYTES OUT")
+		}
+		for _, sv := range st.Services {
+			x := sv.Stats
+			line := fmt.Sprintf("%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d", sv.Name, sv.Mode, x.Accepted, x.Active, x.Rejected, x.Failed, x.BytesIn, x.BytesOut)
+			if prev != nil {
+				k := "service/" + sv.Name + "/"
+				line += fmt.Sprintf("\t%.1f\t%.0f\t%.0f", rs[k+"accepted"], rs[k+"bytes_in"], rs[k+"bytes_out"])
+			}
+			fmt.Fprintln(tw, line)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		fmt.Fprintln(w)
+	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	if prev != nil {
 		fmt.Fprintln(tw, "PROGRAM\tCOUNTER\tPACKETS\tRATE/s")

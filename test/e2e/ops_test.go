@@ -138,6 +138,19 @@ func TestOpsStatusAndMetrics(t *testing.T) {
 		t.Errorf("lbctl status: %v\n%s", err, out)
 	}
 
+	// lbctl stats: the BPF counters and, from the daemon, the services'.
+	out, err = h.LB.Command(binary(t, "lbctl"), "--bpffs", h.LB.BPFFS, "stats", "--json").Output()
+	var stats struct {
+		Services []daemon.ServiceStatus `json:"services"`
+	}
+	if err != nil || json.Unmarshal(out, &stats) != nil || len(stats.Services) != 1 || stats.Services[0].Stats.Accepted != 12 {
+		t.Errorf("lbctl stats --json: %v\n%s\nwant web4 with 12 accepted", err, out)
+	}
+	out, err = h.LB.Command(binary(t, "lbctl"), "--bpffs", h.LB.BPFFS, "stats").Output()
+	if err != nil || !matchLine(string(out), `^web4\s+proxy\s+12\s+0\s+0\s+0\s+\d+\s+\d+$`) {
+		t.Errorf("lbctl stats: %v\n%s", err, out)
+	}
+
 	sock := daemon.ControlSocket(h.LB.BPFFS)
 	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("control socket %s: %v %v, want mode 0600", sock, fi.Mode(), err)
