@@ -16,17 +16,32 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+
+	"github.com/lbctl/lbctl/test/testenv"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+// TestMain runs the package in a private network namespace (see
+// docs/testing.md): its sockets use testenv.Addr4 on that lo.
+func TestMain(m *testing.M) {
+	testenv.RunInNetns()
+	goleak.VerifyTestMain(m)
+}
+
+// listenLo listens on TCP on a free port of the test address.
+func listenLo(t *testing.T) *net.TCPListener {
+	t.Helper()
+	testenv.RequireNetns(t)
+	ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(testenv.Addr4, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ln
+}
 
 // nameServer answers each line with its name, over TCP, until cleanup.
 func nameServer(t *testing.T, name string) netip.AddrPort {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := listenLo(t)
 	var wg sync.WaitGroup
 	t.Cleanup(func() { ln.Close(); wg.Wait() })
 	wg.Go(func() {
@@ -49,10 +64,7 @@ func nameServer(t *testing.T, name string) netip.AddrPort {
 
 func freePort(t *testing.T) netip.AddrPort {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := listenLo(t)
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
@@ -153,10 +165,7 @@ func TestReload(t *testing.T) {
 
 func TestStartFailsOnBusyAddress(t *testing.T) {
 	a := nameServer(t, "a")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := listenLo(t)
 	defer ln.Close()
 	busy := ln.Addr().(*net.TCPAddr).AddrPort()
 	free := freePort(t)

@@ -18,17 +18,26 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+
+	"github.com/lbctl/lbctl/test/testenv"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+// TestMain runs the package in a private network namespace (see
+// docs/testing.md): its sockets use testenv.Addr4/Addr6 on that lo.
+func TestMain(m *testing.M) {
+	testenv.RunInNetns()
+	goleak.VerifyTestMain(m)
+}
 
-var lo4 = netip.MustParseAddr("127.0.0.1")
+// lo4 and lo6 are the test addresses on lo in the private namespace.
+var lo4, lo6 = testenv.Addr4, testenv.Addr6
 
 // tcpBackend answers each line with "NAME LINE" and echoes raw bytes after
 // a line "raw"; it closes its write side when the client does.
 func tcpBackend(t *testing.T, name string) netip.AddrPort {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	testenv.RequireNetns(t)
+	ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(lo4, 0)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,8 +84,9 @@ func tcpBackend(t *testing.T, name string) netip.AddrPort {
 // closedPort returns an address where nothing listens (connections refused).
 func closedPort(t *testing.T, network string) netip.AddrPort {
 	t.Helper()
+	testenv.RequireNetns(t)
 	if network == "tcp" {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(lo4, 0)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -84,7 +94,7 @@ func closedPort(t *testing.T, network string) netip.AddrPort {
 		ln.Close()
 		return a
 	}
-	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(lo4, 0)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,6 +118,7 @@ func pool(t *testing.T, alg string, addrs ...netip.AddrPort) *Pool {
 
 func startTCP(t *testing.T, svc Service, p *Pool) *TCP {
 	t.Helper()
+	testenv.RequireNetns(t)
 	if !svc.Listen.IsValid() {
 		svc.Listen = netip.AddrPortFrom(lo4, 0)
 	}

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lbctl/lbctl/test/testenv"
 	"github.com/lbctl/lbctl/test/topo"
 )
 
@@ -233,7 +234,8 @@ func TestTransparentDialer(t *testing.T) {
 // TestTransparentIdleUDPBound: at most IdleUDP sockets are kept, the
 // oldest closed first; a dirty release closes; Close closes the rest.
 func TestTransparentIdleUDPBound(t *testing.T) {
-	up := netip.MustParseAddrPort("127.0.0.1:9")
+	testenv.RequireNetns(t)
+	up := netip.AddrPortFrom(lo4, 9) // connected, never sent to
 	d := NewTransparentDialer([]netip.AddrPort{up}, "")
 	d.IdleUDP = 2
 	var conns []*net.UDPConn

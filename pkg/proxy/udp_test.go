@@ -13,12 +13,15 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+
+	"github.com/lbctl/lbctl/test/testenv"
 )
 
 // udpBackend answers every datagram with "NAME DATAGRAM", replies times
 // (0: never answers, a black hole). It counts what it received.
 func udpBackend(t *testing.T, name string, replies int, addr netip.Addr) (netip.AddrPort, *atomic.Int64) {
 	t.Helper()
+	testenv.RequireNetns(t)
 	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(addr, 0)))
 	if err != nil {
 		t.Fatal(err)
@@ -45,6 +48,7 @@ func udpBackend(t *testing.T, name string, replies int, addr netip.Addr) (netip.
 
 func startUDP(t *testing.T, svc Service, p *Pool) *UDP {
 	t.Helper()
+	testenv.RequireNetns(t)
 	if !svc.Listen.IsValid() {
 		svc.Listen = netip.AddrPortFrom(lo4, 0)
 	}
@@ -91,7 +95,7 @@ func query(t *testing.T, c *net.UDPConn, q string) string {
 }
 
 func TestUDPRoundRobinIPv4AndIPv6(t *testing.T) {
-	for _, lo := range []netip.Addr{lo4, netip.IPv6Loopback()} {
+	for _, lo := range []netip.Addr{lo4, lo6} {
 		t.Run(lo.String(), func(t *testing.T) {
 			var addrs []netip.AddrPort
 			for i := range 4 {
@@ -115,6 +119,7 @@ func TestUDPRoundRobinIPv4AndIPv6(t *testing.T) {
 // heldBackend answers only once it holds n datagrams, then each of them.
 func heldBackend(t *testing.T, name string, n int) netip.AddrPort {
 	t.Helper()
+	testenv.RequireNetns(t)
 	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(lo4, 0)))
 	if err != nil {
 		t.Fatal(err)

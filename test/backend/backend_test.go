@@ -14,9 +14,16 @@ import (
 
 	"go.uber.org/goleak"
 	"golang.org/x/net/dns/dnsmessage"
+
+	"github.com/lbctl/lbctl/test/testenv"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+// TestMain runs the package in a private network namespace (see
+// docs/testing.md): the servers listen on testenv.Addr4/Addr6 on its lo.
+func TestMain(m *testing.M) {
+	testenv.RunInNetns()
+	goleak.VerifyTestMain(m)
+}
 
 var (
 	own4 = netip.MustParseAddr("198.19.16.11")
@@ -200,18 +207,20 @@ func TestParseArgs(t *testing.T) {
 	}
 }
 
-// freePort returns a port that is free for TCP and UDP on both loopbacks
-// just now.
+// freePort returns a port that is free for TCP and UDP on both test
+// addresses just now.
 func freePort(t *testing.T) uint16 {
 	t.Helper()
+	testenv.RequireNetns(t)
+	lo4, lo6 := testenv.Addr4.String(), "["+testenv.Addr6.String()+"]"
 	for i := 0; i < 50; i++ {
-		l, err := net.Listen("tcp6", "[::1]:0")
+		l, err := net.Listen("tcp6", lo6+":0")
 		must(t, err)
 		port := l.Addr().(*net.TCPAddr).Port
 		closers := []io.Closer{l}
 		ok := true
 		for _, try := range []struct{ network, addr string }{
-			{"tcp4", "127.0.0.1"}, {"udp4", "127.0.0.1"}, {"udp6", "[::1]"},
+			{"tcp4", lo4}, {"udp4", lo4}, {"udp6", lo6},
 		} {
 			var c io.Closer
 			if try.network[:3] == "tcp" {
@@ -232,7 +241,7 @@ func freePort(t *testing.T) uint16 {
 			return uint16(port)
 		}
 	}
-	t.Fatal("no port free on both loopbacks")
+	t.Fatal("no port free on both test addresses")
 	return 0
 }
 
@@ -293,7 +302,7 @@ func retry(t *testing.T, fn func() error) {
 
 func TestServeLoopback(t *testing.T) {
 	port, echoPort := freePort(t), freePort(t)
-	lo4, lo6 := netip.MustParseAddr("127.0.0.1"), netip.IPv6Loopback()
+	lo4, lo6 := testenv.Addr4, testenv.Addr6
 	v4, v6 := netip.AddrPortFrom(lo4, port), netip.AddrPortFrom(lo6, port)
 	startBackend(t, "--name", "dev1", "--readers", "3",
 		"--http", v4.String(), "--http", v6.String(),
@@ -399,7 +408,8 @@ func exchange(ap netip.AddrPort, msg []byte) ([]byte, error) {
 }
 
 func TestListenFailure(t *testing.T) {
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
+	testenv.RequireNetns(t)
+	l, err := net.Listen("tcp4", testenv.Addr4.String()+":0")
 	must(t, err)
 	defer l.Close()
 	var logs syncBuffer
