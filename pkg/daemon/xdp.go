@@ -182,8 +182,8 @@ func (r *xdpRunner) Stop(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer dp.Close()
 	err = dp.DelXDPService(r.key)
+	dp.Close() // before release opens it again: the flock is per open file
 	if errors.Is(err, dataplane.ErrNoService) {
 		err = nil
 	}

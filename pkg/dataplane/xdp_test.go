@@ -551,3 +551,65 @@ func TestXDPSetServiceErrors(t *testing.T) {
 		t.Errorf("delete of a missing service: %v, want ErrNoService", err)
 	}
 }
+
+// TestXDPSwapNeverDrops: while the table of a service is swapped between
+// "every slot on backend 1" and "every slot on backend 2" as fast as the
+// Go side can, packets of many flows are forwarded to one of the two,
+// never dropped or passed: no packet sees a table being cleared or
+// half-filled.
+func TestXDPSwapNeverDrops(t *testing.T) {
+	e := newXDPEnv(t)
+	svc := XDPService{VIP: vipPort4, Proto: UDP}
+	bs := []netip.AddrPort{backendN4(1), backendN4(2)}
+	e.set(t, svc, bs, 0)
+	stop := make(chan struct{})
+	swapped := make(chan int)
+	go func() {
+		n := 0
+		defer func() { swapped <- n }()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			table := make([]int, XDPTableSize)
+			for i := range table {
+				table[i] = n % 2
+			}
+			if _, err := e.d.SetXDPService(svc, bs, table); err != nil {
+				t.Errorf("swap %d: %v", n, err)
+				return
+			}
+			n++
+		}
+	}()
+	seen := map[netip.AddrPort]int{}
+	e.inNS(t, func() error {
+		for i := 0; i < 20000; i++ {
+			in := pkt{src: netip.AddrPortFrom(client4.Addr(), uint16(1024+i%50000)), dst: vipPort4, proto: UDP, payload: []byte("q")}.frame()
+			opts := ebpf.RunOptions{Data: in, DataOut: make([]byte, len(in)+256), Context: xdpMd{DataEnd: uint32(len(in)), IngressIfindex: e.ifindex}}
+			ret, err := e.objs.XdpLb.Run(&opts)
+			if err != nil {
+				return err
+			}
+			if ret != xdpRedirect {
+				return fmt.Errorf("packet %d: verdict %s during table swaps, want XDP_REDIRECT", i, xdpVerdicts[ret])
+			}
+			p, _ := parseGo(opts.DataOut)
+			seen[netip.AddrPortFrom(p.daddr(opts.DataOut), 53)]++
+		}
+		return nil
+	})
+	close(stop)
+	n := <-swapped
+	t.Logf("20000 packets during %d table swaps: %v", n, seen)
+	if n < 2 {
+		t.Errorf("only %d swaps happened during the run", n)
+	}
+	for a := range seen {
+		if a != bs[0] && a != bs[1] {
+			t.Errorf("packet sent to %s, not a backend", a)
+		}
+	}
+}

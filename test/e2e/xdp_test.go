@@ -48,6 +48,20 @@ func xdpConfig(nat string) string {
 	return b.String()
 }
 
+// withoutService returns cfg (as xdpConfig writes it) without service name.
+func withoutService(cfg, name string) string {
+	head, rest, _ := strings.Cut(cfg, "  - name: ")
+	var b strings.Builder
+	b.WriteString(head)
+	for _, blk := range strings.Split("  - name: "+rest, "\n  - name: ") {
+		blk = strings.TrimPrefix(blk, "  - name: ")
+		if !strings.HasPrefix(blk, name+"\n") {
+			b.WriteString("  - name: " + strings.TrimSuffix(blk, "\n") + "\n")
+		}
+	}
+	return b.String()
+}
+
 // xdpTopology prepares the veth topology for XDP: the client sends full
 // checksums (with tx offload a veth hands on a partial checksum that a NIC
 // receiving from a wire never sees, and that native XDP cannot complete),
@@ -180,6 +194,18 @@ func testXDP(t *testing.T, nat string) {
 		if !re.MatchString(status) {
 			t.Errorf("lbctl status lacks dev%d's generation and ~25%% share:\n%s", i, status)
 		}
+	}
+	// A reload that drops web6 takes it out of the program at once.
+	if !l.reload(t, withoutService(cfg, "web6")) {
+		t.Fatalf("reload without web6 failed:\n%s", l.out.String())
+	}
+	for _, s := range dataplaneServices(t, h) {
+		if s.VIP == netip.AddrPortFrom(topo.VIP6, 80) {
+			t.Errorf("web6 still in the program after a reload removed it: %+v", s)
+		}
+	}
+	if body, err := h.httpGet(netip.AddrPortFrom(topo.VIP6, 80)); err == nil {
+		t.Errorf("web6 still answered after a reload removed it: %q", body)
 	}
 	out := mustRun(t, h.LB, binary(t, "lbctl"), "--bpffs", h.LB.BPFFS, "stats")
 	t.Logf("lbctl stats:\n%s", out)
