@@ -9,7 +9,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 
 	"github.com/lbctl/lbctl/pkg/dataplane"
@@ -95,7 +94,7 @@ func runTrace(ctx context.Context, e *env, args []string) error {
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			continue
-		case errors.Is(err, ringbuf.ErrClosed):
+		case errors.Is(err, dataplane.ErrTraceClosed):
 			return nil
 		case err != nil:
 			return fmt.Errorf("trace: %w", err)

@@ -68,6 +68,11 @@ var tracePrograms = [...]string{
 	snatTraceTraceProgTRACE_PROG_XDP:   "xdp_lb",
 }
 
+// ErrTraceClosed is what Tracer.Read returns once the Tracer is closed
+// (the same error as ringbuf.ErrClosed, so callers need not import
+// cilium/ebpf).
+var ErrTraceClosed = ringbuf.ErrClosed
+
 // ErrNothingToTrace: no program lbctl can trace is attached.
 var ErrNothingToTrace = errors.New("no traceable program attached (lbctl attach IFACE first)")
 
@@ -367,7 +372,7 @@ func (t *Tracer) swap(a Attachment, tc traceable, f TraceFilter) error {
 }
 
 // Read waits for the next event; it fails with os.ErrDeadlineExceeded
-// after a deadline (SetDeadline) and with ringbuf.ErrClosed after Close.
+// after a deadline (SetDeadline) and with ErrTraceClosed after Close.
 func (t *Tracer) Read() (TraceEvent, error) {
 	rec, err := t.rd.Read()
 	if err != nil {
@@ -432,7 +437,7 @@ func (t *Tracer) ifname(idx uint32) string {
 
 // Close swaps the original programs back and stops reading. It may be
 // called from another goroutine than Read (Read then returns
-// ringbuf.ErrClosed).
+// ErrTraceClosed).
 func (t *Tracer) Close() error {
 	var errs []error
 	for _, s := range t.swapped {
