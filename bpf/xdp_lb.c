@@ -39,6 +39,16 @@ struct {
 	__type(value, struct xdp_service);
 } xdp_services SEC(".maps");
 
+/* Ports some service listens on (host order index, 1 = in use): the first
+ * check of every packet, an inlined array access, so traffic to other
+ * ports skips the service hash lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u8);
+} xdp_ports SEC(".maps");
+
 /* One Maglev lookup table per service id: slot -> backend id (or
  * XDP_NO_BACKEND). User space fills a fresh inner array and swaps it in
  * with one update of the outer slot, so a packet sees the old table or the
@@ -517,6 +527,11 @@ int xdp_lb(struct xdp_md *ctx)
 			return count(XDP_C_FRAGMENTS, XDP_PASS);
 		return count(XDP_C_UNSUPPORTED, XDP_PASS);
 	}
+	__u32 port = bpf_ntohs(p.flow.dport);
+	__u8 *used = bpf_map_lookup_elem(&xdp_ports, &port);
+
+	if (!used || !*used)
+		return count(XDP_C_PASSED, XDP_PASS);
 	svc = service_lookup(&p, p.flow.dport);
 	if (!svc) {
 		TRACE_XDP(ctx, &p, TRACE_NO_RULE, NULL, len);

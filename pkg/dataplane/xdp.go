@@ -173,7 +173,7 @@ func (d *Dataplane) closeXDP() {
 func (d *Dataplane) unpinXDP() error {
 	d.closeXDP()
 	for _, n := range []string{xdpMapXdpBackendStats, xdpMapXdpBackends, xdpMapXdpCounters, xdpMapXdpFibCache,
-		xdpMapXdpFlows, xdpMapXdpServiceStats, xdpMapXdpServices, xdpMapXdpTables, xdpMapXdpTxPorts} {
+		xdpMapXdpFlows, xdpMapXdpServiceStats, xdpMapXdpServices, xdpMapXdpTables, xdpMapXdpTxPorts, xdpMapXdpPorts} {
 		if err := os.Remove(filepath.Join(d.dir, n)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("unpin %s: %w", n, err)
 		}
@@ -206,6 +206,7 @@ func (d *Dataplane) AttachXDP(ifname string, mode XDPMode) (XDPMode, error) {
 		xdpMapXdpServices:     st.maps.XdpServices,
 		xdpMapXdpTables:       st.maps.XdpTables,
 		xdpMapXdpTxPorts:      st.maps.XdpTxPorts,
+		xdpMapXdpPorts:        st.maps.XdpPorts,
 	}
 	if err := st.spec.LoadAndAssign(&progs, opts); err != nil {
 		return "", loadErr("load xdp program", d.dir, err)
@@ -440,6 +441,9 @@ func (d *Dataplane) SetXDPService(svc XDPService, backends []netip.AddrPort, tab
 	if err := m.XdpServices.Update(markerKey(key), xdpXdpService{Id: xdpMarkerID}, ebpf.UpdateAny); err != nil {
 		return 0, fmt.Errorf("set xdp service %s: mark VIP: %w", svc, err)
 	}
+	if err := m.XdpPorts.Update(uint32(svc.VIP.Port()), uint8(1), ebpf.UpdateAny); err != nil {
+		return 0, fmt.Errorf("set xdp service %s: mark port: %w", svc, err)
+	}
 	// Backends that left: inactive, so their flows move on the next packet.
 	for addr, id := range old {
 		if !keep[id] {
@@ -558,9 +562,13 @@ func (d *Dataplane) DelXDPService(svc XDPService) error {
 	if err != nil {
 		return err
 	}
-	sameVIP := false
+	sameVIP, samePort := false, false
 	for _, e := range es {
 		sameVIP = sameVIP || (e.key.Family == key.Family && e.key.Addr == key.Addr)
+		samePort = samePort || e.key.Port == key.Port
+	}
+	if !samePort {
+		_ = st.maps.XdpPorts.Update(uint32(svc.VIP.Port()), uint8(0), ebpf.UpdateAny)
 	}
 	if !sameVIP {
 		_ = st.maps.XdpServices.Delete(markerKey(key))

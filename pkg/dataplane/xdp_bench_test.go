@@ -38,7 +38,9 @@ func (e *xdpEnv) runXDPRepeat(b *testing.B, prog *ebpf.Program, frame []byte, re
 // updates (equal old and new values), the next hop and the redirect.
 // Paths: UDP hit with the per-CPU next-hop cache, UDP hit with
 // bpf_fib_lookup on every packet (fib_cache_jiffies = 0), TCP hit (connection
-// table lookup), and a miss (not a VIP: passed).
+// table lookup), and misses (passed): to a service's port on another
+// address (service hash lookup), and to a port no service has (stopped by
+// the port array).
 func BenchmarkXDPLB(b *testing.B) {
 	e := newXDPEnv(b)
 	self := backendN4(1)
@@ -51,6 +53,7 @@ func BenchmarkXDPLB(b *testing.B) {
 	udp := pkt{src: client4, dst: self, proto: UDP, payload: make([]byte, 64)}.frame()
 	tcp := pkt{src: client4, dst: self, proto: TCP, tcpFlags: tcpACK, payload: make([]byte, 64)}.frame()
 	miss := pkt{src: client4, dst: backendN4(2), proto: UDP, payload: make([]byte, 64)}.frame()
+	missPort := pkt{src: client4, dst: netip.AddrPortFrom(backendN4(2).Addr(), 443), proto: UDP, payload: make([]byte, 64)}.frame()
 
 	// The same program without the next-hop cache, on the same maps.
 	spec, err := loadXdp()
@@ -66,6 +69,7 @@ func BenchmarkXDPLB(b *testing.B) {
 		xdpMapXdpCounters: e.objs.XdpCounters, xdpMapXdpFibCache: e.objs.XdpFibCache,
 		xdpMapXdpFlows: e.objs.XdpFlows, xdpMapXdpServiceStats: e.objs.XdpServiceStats,
 		xdpMapXdpServices: e.objs.XdpServices, xdpMapXdpTables: e.objs.XdpTables, xdpMapXdpTxPorts: e.objs.XdpTxPorts,
+		xdpMapXdpPorts: e.objs.XdpPorts,
 	}}); err != nil {
 		b.Fatal(err)
 	}
@@ -98,5 +102,6 @@ func BenchmarkXDPLB(b *testing.B) {
 	b.Run("udp-hit", measure(e.objs.XdpLb, udp, xdpRedirect))
 	b.Run("udp-hit-no-fib-cache", measure(nocache.XdpLb, udp, xdpRedirect))
 	b.Run("tcp-hit", measure(e.objs.XdpLb, tcp, xdpRedirect))
-	b.Run("miss", measure(e.objs.XdpLb, miss, xdpPass))
+	b.Run("miss-address", measure(e.objs.XdpLb, miss, xdpPass))
+	b.Run("miss-port", measure(e.objs.XdpLb, missPort, xdpPass))
 }

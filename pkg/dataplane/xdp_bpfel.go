@@ -95,6 +95,7 @@ const (
 	xdpMapXdpCounters     = "xdp_counters"
 	xdpMapXdpFibCache     = "xdp_fib_cache"
 	xdpMapXdpFlows        = "xdp_flows"
+	xdpMapXdpPorts        = "xdp_ports"
 	xdpMapXdpServiceStats = "xdp_service_stats"
 	xdpMapXdpServices     = "xdp_services"
 	xdpMapXdpTables       = "xdp_tables"
@@ -158,6 +159,7 @@ type xdpMapSpecs struct {
 	XdpCounters     *ebpf.MapSpec `ebpf:"xdp_counters"`
 	XdpFibCache     *ebpf.MapSpec `ebpf:"xdp_fib_cache"`
 	XdpFlows        *ebpf.MapSpec `ebpf:"xdp_flows"`
+	XdpPorts        *ebpf.MapSpec `ebpf:"xdp_ports"`
 	XdpServiceStats *ebpf.MapSpec `ebpf:"xdp_service_stats"`
 	XdpServices     *ebpf.MapSpec `ebpf:"xdp_services"`
 	XdpTables       *ebpf.MapSpec `ebpf:"xdp_tables"`
@@ -197,6 +199,7 @@ type xdpMaps struct {
 	XdpCounters     *ebpf.Map `ebpf:"xdp_counters"`
 	XdpFibCache     *ebpf.Map `ebpf:"xdp_fib_cache"`
 	XdpFlows        *ebpf.Map `ebpf:"xdp_flows"`
+	XdpPorts        *ebpf.Map `ebpf:"xdp_ports"`
 	XdpServiceStats *ebpf.Map `ebpf:"xdp_service_stats"`
 	XdpServices     *ebpf.Map `ebpf:"xdp_services"`
 	XdpTables       *ebpf.Map `ebpf:"xdp_tables"`
@@ -210,6 +213,7 @@ func (m *xdpMaps) Close() error {
 		m.XdpCounters,
 		m.XdpFibCache,
 		m.XdpFlows,
+		m.XdpPorts,
 		m.XdpServiceStats,
 		m.XdpServices,
 		m.XdpTables,

@@ -79,6 +79,7 @@ const (
 	xdpTraceMapXdpCounters      = "xdp_counters"
 	xdpTraceMapXdpFibCache      = "xdp_fib_cache"
 	xdpTraceMapXdpFlows         = "xdp_flows"
+	xdpTraceMapXdpPorts         = "xdp_ports"
 	xdpTraceMapXdpServiceStats  = "xdp_service_stats"
 	xdpTraceMapXdpServices      = "xdp_services"
 	xdpTraceMapXdpTables        = "xdp_tables"
@@ -149,6 +150,7 @@ type xdpTraceMapSpecs struct {
 	XdpCounters     *ebpf.MapSpec `ebpf:"xdp_counters"`
 	XdpFibCache     *ebpf.MapSpec `ebpf:"xdp_fib_cache"`
 	XdpFlows        *ebpf.MapSpec `ebpf:"xdp_flows"`
+	XdpPorts        *ebpf.MapSpec `ebpf:"xdp_ports"`
 	XdpServiceStats *ebpf.MapSpec `ebpf:"xdp_service_stats"`
 	XdpServices     *ebpf.MapSpec `ebpf:"xdp_services"`
 	XdpTables       *ebpf.MapSpec `ebpf:"xdp_tables"`
@@ -195,6 +197,7 @@ type xdpTraceMaps struct {
 	XdpCounters     *ebpf.Map `ebpf:"xdp_counters"`
 	XdpFibCache     *ebpf.Map `ebpf:"xdp_fib_cache"`
 	XdpFlows        *ebpf.Map `ebpf:"xdp_flows"`
+	XdpPorts        *ebpf.Map `ebpf:"xdp_ports"`
 	XdpServiceStats *ebpf.Map `ebpf:"xdp_service_stats"`
 	XdpServices     *ebpf.Map `ebpf:"xdp_services"`
 	XdpTables       *ebpf.Map `ebpf:"xdp_tables"`
@@ -209,6 +212,7 @@ func (m *xdpTraceMaps) Close() error {
 		m.XdpCounters,
 		m.XdpFibCache,
 		m.XdpFlows,
+		m.XdpPorts,
 		m.XdpServiceStats,
 		m.XdpServices,
 		m.XdpTables,
