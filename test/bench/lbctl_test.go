@@ -2,15 +2,14 @@ package main
 
 import (
 	"net/netip"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/lbctl/lbctl/pkg/config"
 )
 
-// Every config the benchmark renders passes lbctl's own validation, except
-// for a mode that has not landed yet ("not implemented yet").
+// Every config the benchmark renders passes lbctl's own validation (every
+// mode is implemented: none may be refused).
 func TestRenderLbctlValid(t *testing.T) {
 	for _, o := range []lbctlOptions{proxyOptions, transparentOptions, dsrRouterOptions, dsrOriginOptions, xdpOptions} {
 		o.backends = 4
@@ -20,10 +19,6 @@ func TestRenderLbctlValid(t *testing.T) {
 		}
 		c, err := config.Parse("bench.yaml", []byte(text))
 		if err != nil {
-			if onlyNotImplemented(err.Error()) {
-				t.Logf("mode %s not landed yet: %v", o.mode, err)
-				continue
-			}
 			t.Fatalf("mode %s nat %s: %v\n%s", o.mode, o.nat, err, text)
 		}
 		want := map[bool]int{true: 1, false: 0}
@@ -54,31 +49,5 @@ func TestRenderLbctlProxy(t *testing.T) {
 	}
 	if _, err := renderLbctl(lbctlOptions{mode: "proxy", backends: 2}); err == nil {
 		t.Error("a config with no service rendered")
-	}
-}
-
-// onlyNotImplemented reports whether every problem in a config error is
-// the gate of a mode that has not landed.
-func onlyNotImplemented(msg string) bool {
-	problems := 0
-	for _, line := range strings.Split(msg, "\n") {
-		if !strings.Contains(line, "bench.yaml:") {
-			continue
-		}
-		problems++
-		if !strings.Contains(line, "not implemented yet") {
-			return false
-		}
-	}
-	return problems > 0
-}
-
-func TestOnlyNotImplemented(t *testing.T) {
-	gate := "bench.yaml:9: services[0].mode: mode \"xdp\" is not implemented yet"
-	if !onlyNotImplemented(gate + "\n  " + gate) {
-		t.Error("gate lines not recognised")
-	}
-	if onlyNotImplemented(gate + "\nbench.yaml:12: services[0].timeout: refused in mode xdp") {
-		t.Error("another problem hidden behind the gate")
 	}
 }
