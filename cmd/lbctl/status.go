@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
+	"strconv"
 	"text/tabwriter"
 	"time"
 
 	"github.com/lbctl/lbctl/pkg/daemon"
 	"github.com/lbctl/lbctl/pkg/dataplane"
+	"github.com/lbctl/lbctl/pkg/health"
 )
 
 var statusCmd = command{
@@ -126,26 +129,24 @@ func printDaemon(e *env, rep statusReport) error {
 	}
 	st := rep.Daemon
 	fmt.Fprintf(e.stdout, "daemon: running since %s, config %s, %d reloads\n\n", st.Started.Format(time.RFC3339), st.Config, st.Reloads)
+	now := time.Now()
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SERVICE\tMODE\tPROTO\tLISTEN\tBALANCE\tUPSTREAM\tHEALTH\tWEIGHT\tSHARE\tACTIVE\tTOTAL\tFAILURES")
+	fmt.Fprintln(tw, "SERVICE\tMODE\tPROTO\tLISTEN\tBALANCE\tUPSTREAM\tHEALTH\tSINCE\tLAST CHECK\tWEIGHT\tSHARE\tACTIVE\tTOTAL\tFAILURES")
 	for _, s := range st.Services {
 		var total uint64
 		for _, u := range s.Upstreams {
 			total += u.Total
 		}
-		state := map[string]string{}
+		hs := map[netip.AddrPort]health.Status{}
 		for _, h := range s.Health {
-			state[h.Addr.String()] = h.State.String()
+			hs[h.Addr] = h
 		}
 		for i, u := range s.Upstreams {
 			name, mode, proto, listen, bal := s.Name, s.Mode, s.Protocol, s.Listen, s.Balance
 			if i > 0 {
 				name, mode, proto, listen, bal = "", "", "", "", ""
 			}
-			h := state[u.Addr.String()]
-			if h == "" {
-				h = map[bool]string{true: "up", false: "down"}[u.Up]
-			}
+			h, since, check, weight := healthColumns(hs, u.Addr, u.Up, u.Weight, now)
 			if u.Backup {
 				h += " (backup)"
 			}
@@ -153,8 +154,8 @@ func printDaemon(e *env, rep statusReport) error {
 			if total > 0 {
 				share = fmt.Sprintf("%.1f%%", 100*float64(u.Total)/float64(total))
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%d\t%d\t%d\n", name, mode, proto, listen, bal,
-				u.Addr, h, u.Weight, share, u.Active, u.Total, u.Failures)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\n", name, mode, proto, listen, bal,
+				u.Addr, h, since, check, weight, share, u.Active, u.Total, u.Failures)
 		}
 	}
 	if err := tw.Flush(); err != nil {
@@ -162,4 +163,30 @@ func printDaemon(e *env, rep statusReport) error {
 	}
 	fmt.Fprintln(e.stdout)
 	return nil
+}
+
+// healthColumns gives an upstream's HEALTH, SINCE, LAST CHECK and WEIGHT
+// cells. With a health tracker the weight is in health.WeightScale units
+// (slow start ramps it), printed in the config's units ("0.40" while
+// ramping); without one it is the configured weight.
+func healthColumns(hs map[netip.AddrPort]health.Status, addr netip.AddrPort, up bool, weight int, now time.Time) (state, since, check, w string) {
+	h, ok := hs[addr]
+	if !ok {
+		return map[bool]string{true: "up", false: "down"}[up], "-", "-", strconv.Itoa(weight)
+	}
+	state, since, check = h.State.String(), "-", "never"
+	if !h.Since.IsZero() && !now.IsZero() {
+		since = now.Sub(h.Since).Truncate(time.Second).String()
+	}
+	if !h.LastCheck.IsZero() {
+		check = "ok " + h.LastLatency.Round(10*time.Microsecond).String()
+		if !h.LastOK {
+			check = "fail: " + h.LastError
+		}
+	}
+	w = strconv.FormatFloat(float64(weight)/health.WeightScale, 'f', -1, 64)
+	if weight%health.WeightScale != 0 {
+		w = strconv.FormatFloat(float64(weight)/health.WeightScale, 'f', 2, 64)
+	}
+	return state, since, check, w
 }

@@ -3,9 +3,12 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/lbctl/lbctl/pkg/health"
 	"github.com/lbctl/lbctl/test/testenv"
 )
 
@@ -80,4 +83,34 @@ func TestStatusAndStats(t *testing.T) {
 			t.Errorf("stats --watch: no rewritten line with a rate:\n%s", out)
 		}
 	})
+}
+
+func TestHealthColumns(t *testing.T) {
+	now := time.Date(2026, 12, 5, 9, 0, 0, 0, time.UTC)
+	a := netip.MustParseAddrPort("198.19.16.11:53")
+	b := netip.MustParseAddrPort("198.19.16.12:53")
+	hs := map[netip.AddrPort]health.Status{
+		a: {Addr: a, State: health.StateUp, Since: now.Add(-95 * time.Second), LastCheck: now.Add(-time.Second),
+			LastOK: true, LastLatency: 1234 * time.Microsecond},
+		b: {Addr: b, State: health.StateDown, Since: now.Add(-3 * time.Second), LastCheck: now,
+			LastError: "read udp: i/o timeout"},
+	}
+	tests := []struct {
+		addr                         netip.AddrPort
+		up                           bool
+		weight                       int
+		state, since, check, weight2 string
+	}{
+		{a, true, 2 * health.WeightScale, "up", "1m35s", "ok 1.23ms", "2"},
+		{a, true, 40, "up", "1m35s", "ok 1.23ms", "0.40"}, // slow start
+		{b, false, 0, "down", "3s", "fail: read udp: i/o timeout", "0"},
+		{netip.MustParseAddrPort("198.19.16.13:53"), true, 3, "up", "-", "-", "3"}, // no tracker: configured weight
+	}
+	for _, tc := range tests {
+		st, since, check, w := healthColumns(hs, tc.addr, tc.up, tc.weight, now)
+		if st != tc.state || since != tc.since || check != tc.check || w != tc.weight2 {
+			t.Errorf("healthColumns(%v, weight %d) = %q %q %q %q, want %q %q %q %q", tc.addr, tc.weight,
+				st, since, check, w, tc.state, tc.since, tc.check, tc.weight2)
+		}
+	}
 }
