@@ -3,6 +3,7 @@ package proxy
 import (
 	"fmt"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 
 	"github.com/lbctl/lbctl/pkg/balance"
@@ -110,8 +111,11 @@ func (t *Tried) Len() int { return t.n }
 // none is left.
 func (p *Pool) Pick(client netip.AddrPort, tried *Tried) int {
 	h := p.health.Load().Health
-	var buf [16]balance.Upstream
-	view := buf[:0]
+	// The view goes to the balancer through an interface, so a local array
+	// would escape to the heap: one allocation per datagram (DSR) or
+	// connection. A pooled slice costs none.
+	vp := views.Get().(*[]balance.Upstream)
+	view := (*vp)[:0]
 	for i := range p.ups {
 		u := &p.ups[i]
 		view = append(view, balance.Upstream{
@@ -127,8 +131,15 @@ func (p *Pool) Pick(client netip.AddrPort, tried *Tried) int {
 	if tried != nil && tried.n > 0 {
 		skip = tried.Has
 	}
-	return p.bal.Pick(view, key, skip)
+	i := p.bal.Pick(view, key, skip)
+	*vp = view[:0] // keeps a capacity grown past 16 upstreams
+	views.Put(vp)
+	return i
 }
+
+// views holds the scratch slices Pick hands to the balancer (which keeps
+// no reference to them).
+var views = sync.Pool{New: func() any { v := make([]balance.Upstream, 0, 16); return &v }}
 
 // Tries is the number of upstreams one connection may try: n (the
 // service's next_upstream_tries) or, when n is 0, every upstream once.

@@ -416,3 +416,26 @@ func TestNewPoolErrors(t *testing.T) {
 		t.Fatalf("bad algorithm: %v", err)
 	}
 }
+
+// TestPoolPickAllocatesNothing: Pick runs once per datagram (DSR) and per
+// connection or session, so it must not allocate, whatever the algorithm.
+func TestPoolPickAllocatesNothing(t *testing.T) {
+	ups := make([]Upstream, 4)
+	for i := range ups {
+		ups[i] = Upstream{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 19, 16, byte(11 + i)}), 53), Weight: i + 1}
+	}
+	client := netip.MustParseAddrPort("198.18.99.1:40000")
+	for _, alg := range []string{"round_robin", "least_conn", "random_two", "hash"} {
+		p, err := NewPool(ups, alg, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := testing.AllocsPerRun(1000, func() {
+			if p.Pick(client, nil) < 0 {
+				t.Fatalf("%s: no upstream picked", alg)
+			}
+		}); n != 0 {
+			t.Errorf("%s: Pick allocates %v times per call, want 0", alg, n)
+		}
+	}
+}
