@@ -3,7 +3,6 @@ package proxy
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -412,7 +411,7 @@ func TestNewPoolErrors(t *testing.T) {
 		t.Fatalf("no upstreams: %v", err)
 	}
 	_, err := NewPool([]Upstream{{Addr: netip.MustParseAddrPort("198.19.16.11:80"), Weight: 1}}, "rr", false)
-	if err == nil || !errors.Is(err, err) || !strings.Contains(err.Error(), `unknown algorithm`) {
+	if err == nil || !strings.Contains(err.Error(), `unknown algorithm`) {
 		t.Fatalf("bad algorithm: %v", err)
 	}
 }
