@@ -11,9 +11,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"strconv"
-	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -322,10 +320,6 @@ type RPFilterChange struct {
 	Old, New  int
 }
 
-func setSysctl(name, v string) error {
-	return os.WriteFile("/proc/sys/"+strings.ReplaceAll(name, ".", "/"), []byte(v), 0o644)
-}
-
 func sysctlInt(name string) (int, error) {
 	s, err := Sysctl(name)
 	if err != nil {
@@ -378,8 +372,8 @@ func PrepareRPFilter(ifname string, upstreams []netip.Addr) (*RPFilterChange, er
 	if all > want {
 		return nil, fmt.Errorf("rp_filter on %s: net.ipv4.conf.all.rp_filter = %d drops the upstreams' steered replies and lbctl does not change conf.all: sysctl -w net.ipv4.conf.all.rp_filter=%d", ifname, all, want)
 	}
-	if err := setSysctl(key, strconv.Itoa(want)); err != nil {
-		return nil, fmt.Errorf("set %s=%d: %w", key, want, privHint(err))
+	if err := SetSysctl(key, strconv.Itoa(want)); err != nil {
+		return nil, privHint(err)
 	}
 	return &RPFilterChange{Interface: ifname, Old: one, New: want}, nil
 }
@@ -400,8 +394,8 @@ func (c *RPFilterChange) Restore() error {
 	if cur != c.New {
 		return nil
 	}
-	if err := setSysctl(key, strconv.Itoa(c.Old)); err != nil {
-		return fmt.Errorf("restore %s=%d: %w", key, c.Old, err)
+	if err := SetSysctl(key, strconv.Itoa(c.Old)); err != nil {
+		return fmt.Errorf("restore rp_filter on %s: %w", c.Interface, err)
 	}
 	return nil
 }

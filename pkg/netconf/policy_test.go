@@ -194,7 +194,7 @@ func TestPolicyConflicts(t *testing.T) {
 
 func sysctlW(t *testing.T, name, v string) {
 	t.Helper()
-	if err := setSysctl(name, v); err != nil {
+	if err := SetSysctl(name, v); err != nil {
 		t.Errorf("set %s: %v", name, err)
 	}
 }
