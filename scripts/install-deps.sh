@@ -4,7 +4,7 @@
 # benchmarks use (nginx with the stream module, unbound, dig, dnsperf, wrk).
 set -euo pipefail
 pkgs=(clang-19 llvm-19 libbpf-dev bpftool iproute2 ethtool tcpdump iptables nftables
-      nginx libnginx-mod-stream unbound dnsutils dnsperf wrk iperf3 iputils-ping libcap2-bin curl podman runc make git)
+      nginx libnginx-mod-stream unbound dnsutils dnsperf wrk iperf3 iputils-ping libcap2-bin procps curl podman runc make git)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
