@@ -49,6 +49,10 @@ type UDP struct {
 	socks    []*udpSock
 	readers  sync.WaitGroup
 	sessions sync.WaitGroup
+	// gate orders the start of a session (sessions.Add) before Stop's
+	// sessions.Wait: a session is admitted under RLock while not draining;
+	// Stop sets draining under Lock.
+	gate     sync.RWMutex
 	draining atomic.Bool
 	stats    stats
 }
@@ -118,7 +122,9 @@ func (u *UDP) closeSocks() {
 // Stop implements Frontend: no new sessions; open ones go on until they
 // end or ctx is done; then the sockets close.
 func (u *UDP) Stop(ctx context.Context) error {
+	u.gate.Lock()
 	u.draining.Store(true)
+	u.gate.Unlock()
 	done := make(chan struct{})
 	go func() { u.sessions.Wait(); close(done) }()
 	select {
@@ -176,12 +182,17 @@ func (s *udpSock) dispatch(client netip.AddrPort, b []byte) {
 		return
 	}
 	st := u.state.Load()
+	u.gate.RLock()
 	if u.draining.Load() || (st.svc.MaxConns > 0 && u.stats.active.Load() >= int64(st.svc.MaxConns)) {
+		u.gate.RUnlock()
 		u.stats.rejected.Add(1)
 		return
 	}
+	u.sessions.Add(1)
+	u.gate.RUnlock()
 	ss = u.newSession(s, st, client)
 	if ss == nil {
+		u.sessions.Done()
 		return
 	}
 	s.mu.Lock()
@@ -189,7 +200,6 @@ func (s *udpSock) dispatch(client netip.AddrPort, b []byte) {
 	s.mu.Unlock()
 	u.stats.active.Add(1)
 	u.stats.accepted.Add(1)
-	u.sessions.Add(1)
 	ss.send(b)
 	if st.svc.Responses == 0 { // no reply expected: done once sent
 		ss.end(true)
