@@ -134,7 +134,7 @@ func TestOpsStatusAndMetrics(t *testing.T) {
 	}
 	out, err = h.LB.Command(binary(t, "lbctl"), "--bpffs", h.LB.BPFFS, "status").Output()
 	if err != nil || !strings.Contains(string(out), "daemon: running since") ||
-		!matchLine(string(out), `^web4\s+proxy\s+tcp\s+198\.18\.98\.10:80\s+round_robin\s+198\.19\.16\.11:80\s+up\s+\d+\s+25\.0%\s+\d+\s+3\s+0$`) {
+		!matchLine(string(out), `^web4\s+proxy\s+tcp\s+198\.18\.98\.10:80\s+round_robin\s+198\.19\.16\.11:80\s+up\s+[0-9hms]+\s+ok \S+\s+1\s+25\.0%\s+\d+\s+3\s+0$`) {
 		t.Errorf("lbctl status: %v\n%s", err, out)
 	}
 
