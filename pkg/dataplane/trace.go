@@ -91,6 +91,7 @@ type Tracer struct {
 	d       *Dataplane
 	events  *ebpf.Map
 	rd      *ringbuf.Reader
+	rec     ringbuf.Record // reused by Read: no allocation per event
 	progs   []*ebpf.Program
 	swapped []swapped
 	ifnames map[uint32]string
@@ -371,13 +372,14 @@ func (t *Tracer) swap(a Attachment, tc traceable, f TraceFilter) error {
 	return nil
 }
 
-// Read waits for the next event; it fails with os.ErrDeadlineExceeded
-// after a deadline (SetDeadline) and with ErrTraceClosed after Close.
+// Read waits for the next event (one Read at a time: it reuses its
+// buffer); it fails with os.ErrDeadlineExceeded after a deadline
+// (SetDeadline) and with ErrTraceClosed after Close.
 func (t *Tracer) Read() (TraceEvent, error) {
-	rec, err := t.rd.Read()
-	if err != nil {
+	if err := t.rd.ReadInto(&t.rec); err != nil {
 		return TraceEvent{}, err
 	}
+	rec := &t.rec
 	var raw snatTraceTraceEvent
 	if len(rec.RawSample) < int(unsafe.Sizeof(raw)) {
 		return TraceEvent{}, fmt.Errorf("trace event of %d bytes, want %d", len(rec.RawSample), unsafe.Sizeof(raw))
