@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lbctl/lbctl/test/testenv"
 	"github.com/lbctl/lbctl/test/topo"
 )
 
@@ -194,7 +195,9 @@ func assertNoFirewall(t *testing.T, h *harness) {
 			}
 		}
 	}
-	if _, err := exec.LookPath("nft"); err == nil {
+	if _, err := exec.LookPath("nft"); err != nil && testenv.InCI() {
+		t.Fatal("nft not found on PATH: install it with scripts/install-deps.sh — failing instead of skipping the nftables check because CI=true")
+	} else if err == nil {
 		out, err := h.LB.Run("nft", "list", "ruleset")
 		if err != nil {
 			t.Fatal(err)
