@@ -66,7 +66,7 @@ func TestHTTPCheck(t *testing.T) {
 		{name: "redirect not followed", health: get("/moved", "200", ""), addr: addr, wantErr: "status 302, want 200-200"},
 		{name: "not found", health: get("/nothing", "", ""), addr: addr, wantErr: "status 404"},
 		{name: "timeout", health: get("/slow", "", ""), addr: addr, wantErr: "timeout"},
-		{name: "reset", health: get("/reset", "", ""), addr: addr, wantErr: "GET /reset"},
+		{name: "reset", health: get("/reset", "", ""), addr: addr, wantErr: "GET /reset: connection reset by peer"},
 		{name: "refused", health: get("/", "", ""), addr: "198.19.16.11:7402", wantErr: "connection refused"},
 	} {
 		t.Run(c.name, func(t *testing.T) { c.run(t, tp) })
