@@ -11,7 +11,9 @@
 //	                          │                       │
 //	                  backendN eth1 ────────── backendN eth0 198.19.16.1N
 //
-// Namespaces are named lbt-<id>-<role> with a random id per topology.
+// Namespaces are named lbt-<id>-<role> with a random id per topology. A
+// topology left behind by a test process that died (panic, -timeout,
+// SIGKILL) is removed by the next New (see Sweep).
 package topo
 
 import (
@@ -112,7 +114,13 @@ func New(opts Options) (*Topology, error) {
 	if _, err := rand.Read(id); err != nil {
 		return nil, fmt.Errorf("build topology: random id: %w", err)
 	}
+	if _, err := Sweep(); err != nil {
+		return nil, fmt.Errorf("build topology: remove the topologies of exited tests: %w", err)
+	}
 	t := &Topology{ID: hex.EncodeToString(id)}
+	if err := writeOwner(t.ID); err != nil {
+		return nil, fmt.Errorf("build topology %s: record its owner in %s: %w", t.ID, ownerDir, err)
+	}
 	if err := t.build(opts); err != nil {
 		_ = t.Close()
 		return nil, fmt.Errorf("build topology %s: %w", t.ID, err)
@@ -268,6 +276,9 @@ func (t *Topology) Close() error {
 				errs = append(errs, err)
 			}
 		}
+	}
+	if err := os.Remove(filepath.Join(ownerDir, t.ID)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
