@@ -23,9 +23,10 @@ volatile const __u8 steer_check_socket = 1;
 
 /* Configured upstreams of transparent services: the address:port and
  * protocol their replies come from. The front end fills it from the config;
- * the value counts the packets marked. */
+ * the value counts the packets marked, per CPU (no shared cache line per
+ * packet). */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, MAX_STEER_UPSTREAMS);
 	__type(key, struct steer_key);
 	__type(value, struct steer_value);
@@ -150,7 +151,7 @@ int steer_ingress(struct __sk_buff *skb)
 		TRACE_TC(skb, &p, TRACE_PROG_STEER, TRACE_NO_RULE, NULL, 0);
 		return TC_ACT_UNSPEC;
 	}
-	__sync_fetch_and_add(&up->packets, 1);
+	up->packets += 1;
 	if (p.frag == FRAG_FIRST) {
 		__u32 one = 1;
 

@@ -197,7 +197,7 @@ struct steer_key {
 };
 
 /* Value of steer_upstreams: packets from that upstream that were marked
- * (atomic adds: shared by every CPU). A doctor reads it to tell "the
+ * (one value per CPU, summed by user space). A doctor reads it to tell "the
  * upstream never answered through the LB" from "it answered". */
 struct steer_value {
 	__u64 packets;

@@ -135,7 +135,11 @@ func (d *Dataplane) AddSteerUpstream(proto Proto, ap netip.AddrPort) error {
 	if err != nil {
 		return fmt.Errorf("add steered upstream: %w", err)
 	}
-	if err := d.steer.SteerUpstreams.Update(&k, &steerSteerValue{}, ebpf.UpdateNoExist); err != nil {
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return fmt.Errorf("add steered upstream %s %s: %w", proto, ap, err)
+	}
+	if err := d.steer.SteerUpstreams.Update(&k, make([]steerSteerValue, ncpu), ebpf.UpdateNoExist); err != nil {
 		if errors.Is(err, ebpf.ErrKeyExist) {
 			return fmt.Errorf("add steered upstream %s %s: %w", proto, ap, ErrUpstreamExists)
 		}
@@ -166,12 +170,12 @@ func (d *Dataplane) SteerUpstreams() ([]SteerUpstream, error) {
 	var (
 		out []SteerUpstream
 		k   steerSteerKey
-		v   steerSteerValue
+		v   []steerSteerValue
 	)
 	it := d.steer.SteerUpstreams.Iterate()
 	for it.Next(&k, &v) {
 		proto, ap := upstreamFromKey(k)
-		out = append(out, SteerUpstream{Proto: proto, Addr: ap, Packets: v.Packets})
+		out = append(out, SteerUpstream{Proto: proto, Addr: ap, Packets: sumPackets(v)})
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list steered upstreams: %w", privHint(err))
@@ -240,12 +244,21 @@ func (d *Dataplane) SteerUpstreamPackets(proto Proto, ap netip.AddrPort) (uint64
 	if err != nil {
 		return 0, false, err
 	}
-	var v steerSteerValue
+	var v []steerSteerValue
 	if err := d.steer.SteerUpstreams.Lookup(&k, &v); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return 0, false, nil
 		}
 		return 0, false, fmt.Errorf("read steered upstream %s %s: %w", proto, ap, privHint(err))
 	}
-	return v.Packets, true, nil
+	return sumPackets(v), true, nil
+}
+
+// sumPackets adds up the per-CPU values of a steer_upstreams entry.
+func sumPackets(v []steerSteerValue) uint64 {
+	var n uint64
+	for _, c := range v {
+		n += c.Packets
+	}
+	return n
 }
