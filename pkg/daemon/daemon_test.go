@@ -247,7 +247,7 @@ func TestLoggerFromConfig(t *testing.T) {
 	a := nameServer(t, "a")
 	path := filepath.Join(t.TempDir(), "lbctl.yaml")
 	writeConfig(t, path, "log: {level: warn, format: json}\nservices:\n"+tcpService("web", freePort(t), a))
-	var out syncBuffer
+	var out testenv.SyncBuffer
 	d, err := New(Options{ConfigPath: path, LogTo: &out})
 	if err != nil {
 		t.Fatal(err)
@@ -257,21 +257,4 @@ func TestLoggerFromConfig(t *testing.T) {
 	if got := out.String(); strings.Contains(got, "quiet") || !strings.HasPrefix(got, `{"level":"warn"`) || !strings.Contains(got, `"msg":"loud"`) {
 		t.Fatalf("log output %q: want only the warning, as JSON", got)
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -250,7 +250,7 @@ func freePort(t *testing.T) uint16 {
 func startBackend(t *testing.T, args ...string) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	var logs syncBuffer
+	var logs testenv.SyncBuffer
 	done := make(chan int)
 	go func() { done <- run(ctx, args, &logs) }()
 	t.Cleanup(func() {
@@ -264,23 +264,6 @@ func startBackend(t *testing.T, args ...string) {
 			t.Error("backend did not stop within 5s")
 		}
 	})
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.Buffer.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.Buffer.String()
 }
 
 // retry calls fn until it succeeds or 3 s pass (the server starts in the
@@ -412,7 +395,7 @@ func TestListenFailure(t *testing.T) {
 	l, err := net.Listen("tcp4", testenv.Addr4.String()+":0")
 	must(t, err)
 	defer l.Close()
-	var logs syncBuffer
+	var logs testenv.SyncBuffer
 	code := run(context.Background(), []string{"--name", "d", "--http", l.Addr().String()}, &logs)
 	if code != 1 || !strings.Contains(logs.String(), "listen http on "+l.Addr().String()) {
 		t.Errorf("exit %d, log %q; want 1 and the listen error", code, logs.String())

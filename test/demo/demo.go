@@ -12,10 +12,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
+	"github.com/lbctl/lbctl/test/testenv"
 	"github.com/lbctl/lbctl/test/topo"
 )
 
@@ -366,7 +366,7 @@ func (d *demo) runLB(name, cfg string) (*proc, error) {
 type proc struct {
 	name string
 	cmd  *exec.Cmd
-	out  *syncBuffer
+	out  *testenv.SyncBuffer
 	done chan struct{}
 	err  error // after done
 }
@@ -375,7 +375,7 @@ type proc struct {
 // demo, which then stops everything in order) and waits until its output
 // contains ready.
 func (d *demo) start(h *topo.Host, ready, name string, args ...string) (*proc, error) {
-	p := &proc{name: h.Role + " " + filepath.Base(name), cmd: h.Command(name, args...), out: &syncBuffer{}, done: make(chan struct{})}
+	p := &proc{name: h.Role + " " + filepath.Base(name), cmd: h.Command(name, args...), out: &testenv.SyncBuffer{}, done: make(chan struct{})}
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := p.cmd.Start(); err != nil {
@@ -426,22 +426,4 @@ func (d *demo) stopAll() {
 	for i := len(d.procs) - 1; i >= 0; i-- {
 		_ = d.stop(d.procs[i])
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a writer and readers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

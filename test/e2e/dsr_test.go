@@ -440,14 +440,14 @@ func mustRun(t *testing.T, h *topo.Host, name string, args ...string) string {
 // capture is tcpdump on every interface of a host.
 type capture struct {
 	cmd *exec.Cmd
-	out *syncBuffer
+	out *testenv.SyncBuffer
 }
 
 // startCapture starts tcpdump with filter in host's namespace and waits
 // until it listens.
 func startCapture(t *testing.T, h *topo.Host, filter string) *capture {
 	t.Helper()
-	c := &capture{cmd: h.Command("tcpdump", "--immediate-mode", "-ni", "any", "-w", os.DevNull, filter), out: &syncBuffer{}}
+	c := &capture{cmd: h.Command("tcpdump", "--immediate-mode", "-ni", "any", "-w", os.DevNull, filter), out: &testenv.SyncBuffer{}}
 	c.cmd.Stdout, c.cmd.Stderr = c.out, c.out
 	if err := c.cmd.Start(); err != nil {
 		t.Fatal(err)

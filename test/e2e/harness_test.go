@@ -91,7 +91,7 @@ func newHarness(t *testing.T, opts topo.Options) *harness {
 // process is a command started in a namespace, with its output kept.
 type process struct {
 	cmd  *exec.Cmd
-	out  *syncBuffer
+	out  *testenv.SyncBuffer
 	done chan struct{}
 	err  error // after done
 }
@@ -100,7 +100,7 @@ type process struct {
 // SIGKILL after 10s).
 func start(t *testing.T, host *topo.Host, name string, args ...string) *process {
 	t.Helper()
-	p := &process{cmd: host.Command(name, args...), out: &syncBuffer{}, done: make(chan struct{})}
+	p := &process{cmd: host.Command(name, args...), out: &testenv.SyncBuffer{}, done: make(chan struct{})}
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	if err := p.cmd.Start(); err != nil {
 		t.Fatalf("start %s in %s: %v", name, host.NS, err)
@@ -333,24 +333,6 @@ func exchangeDNS(c net.Conn, typ dnsmessage.Type, got *netip.Addr) error {
 			p.SkipAnswer()
 		}
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a process's writes and our reads.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // sigterm is what a service manager sends to stop lbctl.
