@@ -24,7 +24,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -35,43 +34,14 @@ import (
 	"github.com/lbctl/lbctl/test/topo"
 )
 
-// binaries are built once per test run into binDir.
-var (
-	binOnce sync.Once
-	binDir  string
-	binErr  error
-)
-
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binDir != "" {
-		os.RemoveAll(binDir)
-	}
+	testenv.RemoveBinaries()
 	os.Exit(code)
 }
 
-// binary returns the path of lbctl or backend, built with `go build` from
-// this checkout on first use.
-func binary(t *testing.T, name string) string {
-	t.Helper()
-	binOnce.Do(func() {
-		binDir, binErr = os.MkdirTemp("", "lbctl-e2e-")
-		if binErr != nil {
-			return
-		}
-		for pkg, out := range map[string]string{"../../cmd/lbctl": "lbctl", "../backend": "backend"} {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, out), pkg)
-			if b, err := cmd.CombinedOutput(); err != nil {
-				binErr = fmt.Errorf("go build %s: %w\n%s", pkg, err, b)
-				return
-			}
-		}
-	})
-	if binErr != nil {
-		t.Fatal(binErr)
-	}
-	return filepath.Join(binDir, name)
-}
+// binary returns the path of lbctl or backend (testenv.Binary).
+func binary(t *testing.T, name string) string { return testenv.Binary(t, name) }
 
 // harness is one topology with the binaries to run on it.
 type harness struct {

@@ -10,11 +10,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -26,18 +23,9 @@ import (
 	"github.com/lbctl/lbctl/test/topo"
 )
 
-// binDir holds the lbctl and backend binaries built once per test run.
-var (
-	binOnce sync.Once
-	binDir  string
-	binErr  error
-)
-
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binDir != "" {
-		_ = os.RemoveAll(binDir)
-	}
+	testenv.RemoveBinaries()
 	if code == 0 {
 		if err := goleak.Find(); err != nil {
 			fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
@@ -47,36 +35,8 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// bin returns the path of the lbctl or backend binary, building both with
-// `go build` into a temporary directory the first time.
-func bin(t *testing.T, name string) string {
-	t.Helper()
-	binOnce.Do(func() {
-		if _, err := exec.LookPath("go"); err != nil {
-			binErr = fmt.Errorf("the go tool is needed to build lbctl for the end-to-end tests: %w", err)
-			return
-		}
-		binDir, binErr = os.MkdirTemp("", "lbctl-snat-e2e-")
-		if binErr != nil {
-			return
-		}
-		for _, p := range []struct{ name, pkg string }{
-			{"lbctl", "github.com/lbctl/lbctl/cmd/lbctl"},
-			{"backend", "github.com/lbctl/lbctl/test/backend"},
-		} {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, p.name), p.pkg)
-			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-			if out, err := cmd.CombinedOutput(); err != nil {
-				binErr = fmt.Errorf("go build %s: %w: %s", p.pkg, err, out)
-				return
-			}
-		}
-	})
-	if binErr != nil {
-		t.Fatal(binErr)
-	}
-	return filepath.Join(binDir, name)
-}
+// bin returns the path of the lbctl or backend binary (testenv.Binary).
+func bin(t *testing.T, name string) string { return testenv.Binary(t, name) }
 
 // lbctl runs the real lbctl CLI on host h with h's bpffs and returns its
 // stdout; a non-zero exit fails the test with stderr.
