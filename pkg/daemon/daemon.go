@@ -222,6 +222,8 @@ func (d *Daemon) startLocked(ctx context.Context, svc config.Service) error {
 // drain_timeout) while the rest go on; a service whose protocol, listen
 // address or mode changed is replaced (the old one drains); any other
 // change (upstreams, weights, timeouts, balance) applies to new connections.
+// A new transparent.mark or table is applied first (transparent.go); if it
+// cannot be, nothing changes.
 func (d *Daemon) Reload(ctx context.Context) error {
 	cfg, err := config.Load(d.opts.ConfigPath)
 	if err != nil {
@@ -229,6 +231,10 @@ func (d *Daemon) Reload(ctx context.Context) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	// Host-wide settings first: the services below set up with them.
+	if err := d.transparent().retarget(cfg.Transparent.Mark, cfg.Transparent.Table); err != nil {
+		return fmt.Errorf("reload %s: %w", d.opts.ConfigPath, err)
+	}
 	keep := map[string]bool{}
 	var errs []error
 	for _, svc := range cfg.Services {

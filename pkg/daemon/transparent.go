@@ -43,6 +43,7 @@ type transparentHost struct {
 	warned map[steerUp]time.Time
 	seen   map[steerUp]uint64
 	gw     map[netip.Addr]netip.Addr // upstream -> the LB's address towards it (for the fix)
+	stale  []*netconf.PolicyRouting  // a failed retarget's new policy, removed with the last policy
 }
 
 type policyRef struct {
@@ -124,6 +125,83 @@ func upstreamIfaces(s config.Service) (map[string][]netip.Addr, error) {
 		out[ifname] = append(out[ifname], u.Addr.Addr().Unmap())
 	}
 	return out, nil
+}
+
+// retarget applies a reloaded transparent.mark / transparent.table to
+// what is set up: the new rule and route go in next to the old ones, the
+// steer programs lbctl run attached switch to the new mark in place, and
+// then exactly the old rule and route lbctl run added go. Marked replies
+// always find a rule. On error nothing changes (the reload is refused).
+func (h *transparentHost) retarget(mark uint32, table int) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if mark == h.mark && table == h.table {
+		return nil
+	}
+	what := fmt.Sprintf("transparent.mark %#x -> %#x, transparent.table %d -> %d", h.mark, mark, h.table, table)
+	if len(h.policy) == 0 && len(h.ifaces) == 0 {
+		h.mark, h.table = mark, table // nothing set up yet
+		return nil
+	}
+	if mark != h.mark {
+		for ifname, ref := range h.ifaces {
+			if !ref.owned {
+				return fmt.Errorf("%s: the steer program on %s was attached before lbctl run started (lbctl attach --steer) and keeps its mark: put transparent.mark back to %#x, or stop lbctl run, lbctl detach %s and start it again", what, ifname, h.mark, ifname)
+			}
+		}
+	}
+	dp, err := h.open()
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+
+	next := map[int]*netconf.PolicyRouting{}
+	undo := func(err error) error {
+		for _, np := range next {
+			err = errors.Join(err, np.Remove())
+		}
+		return fmt.Errorf("%s: %w; nothing changed: fix it, or put the old values back", what, err)
+	}
+	for fam, ref := range h.policy {
+		np, err := ref.pr.InstallNext(netconf.Policy{Mark: mark, Table: table})
+		if err != nil {
+			return undo(err)
+		}
+		next[fam] = np
+	}
+	if mark != h.mark {
+		var switched []string
+		for ifname := range h.ifaces {
+			if _, err := dp.AttachSteer(ifname, dataplane.SteerOptions{Mark: mark, CheckSocket: true}); err != nil {
+				for _, done := range switched {
+					if _, rerr := dp.AttachSteer(done, dataplane.SteerOptions{Mark: h.mark, CheckSocket: true}); rerr != nil {
+						err = errors.Join(err, fmt.Errorf("steer on %s keeps mark %#x, its rule stays until the last transparent service stops: %w", done, mark, rerr))
+						for _, np := range next {
+							h.stale = append(h.stale, np)
+						}
+						next = nil // steer marks with either mark now: both rules stay
+					}
+				}
+				return undo(err)
+			}
+			switched = append(switched, ifname)
+		}
+	}
+	var errs []error
+	for fam, ref := range h.policy {
+		np := next[fam]
+		if err := ref.pr.Retire(np); err != nil {
+			errs = append(errs, err)
+		}
+		ref.pr = np
+		for _, a := range np.Added {
+			h.log.Info("policy routing now", zap.String("what", a))
+		}
+	}
+	h.log.Info("transparent policy routing changed", zap.String("mark", fmt.Sprintf("%#x", mark)), zap.Int("table", table), zap.Int("steer_interfaces", len(h.ifaces)))
+	h.mark, h.table = mark, table
+	return errors.Join(errs...)
 }
 
 // acquire sets up what s needs; on error nothing of s stays.
@@ -303,6 +381,12 @@ func (h *transparentHost) releaseLocked(dp *dataplane.Dataplane, c *tpClaim) err
 		}
 	}
 	c.fams = nil
+	if len(h.policy) == 0 {
+		for _, pr := range h.stale {
+			errs = append(errs, pr.Remove())
+		}
+		h.stale = nil
+	}
 	if len(h.ups) == 0 && len(h.ifaces) == 0 && h.reader != nil {
 		h.reader.Close()
 		h.reader = nil

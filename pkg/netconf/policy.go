@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 
 	"github.com/vishvananda/netlink"
@@ -32,6 +33,10 @@ type Policy struct {
 	Table int
 	// IPv4, IPv6 select the families to install (both false: both).
 	IPv4, IPv6 bool
+
+	// prev is the policy InstallNext installs next to: its own rule is no
+	// conflict.
+	prev *Policy
 }
 
 func (p Policy) families() []int {
@@ -52,6 +57,7 @@ func (p Policy) families() []int {
 // Remove. A rule or route that was already there (identical) is used, not
 // added, and stays after Remove.
 type PolicyRouting struct {
+	policy Policy
 	rules  []netlink.Rule
 	routes []netlink.Route
 	// Present lists, as `ip` would print them, what was already there.
@@ -123,7 +129,8 @@ func InstallPolicy(p Policy) (*PolicyRouting, error) {
 	if p.Table <= 0 || p.Table == unix.RT_TABLE_MAIN || p.Table == unix.RT_TABLE_LOCAL || p.Table == unix.RT_TABLE_DEFAULT {
 		return nil, fmt.Errorf("install policy routing: table %d is reserved (253 default, 254 main, 255 local) or invalid: choose another transparent.table", p.Table)
 	}
-	pr := &PolicyRouting{}
+	pr := &PolicyRouting{policy: p}
+	pr.policy.prev = nil
 	lo, err := netlink.LinkByName("lo")
 	if err != nil {
 		return nil, fmt.Errorf("install policy routing: find lo: %w", err)
@@ -201,6 +208,8 @@ func checkRules(fam int, p Policy) (*netlink.Rule, error) {
 			if ours == nil {
 				ours = &rules[i]
 			}
+		case p.prev != nil && isOurRule(r, *p.prev):
+			// The policy being replaced (InstallNext): it goes once p is in.
 		case r.Table == p.Table:
 			return nil, fmt.Errorf("install policy routing: %w: table %d is used by `%s`: set transparent.table to an unused table, or remove that rule", ErrPolicyConflict, p.Table, ruleString(fam, r))
 		case (r.Mark != 0 || r.Mask != nil) && r.Mark&ruleMask(r) == p.Mark&ruleMask(r):
@@ -226,6 +235,48 @@ func checkTable(fam int, p Policy, loIndex int) (bool, error) {
 		return false, fmt.Errorf("install policy routing: %w: table %d already has the route `%s`: set transparent.table to an unused table", ErrPolicyConflict, p.Table, r)
 	}
 	return have, nil
+}
+
+// InstallNext installs p next to pr (a new transparent.mark or table on
+// reload), for pr's families: pr's own rule is not a conflict, and a route
+// both use is shared. pr stays untouched; once the marks are switched,
+// pr.Retire(next) removes what pr added and next does not use. On error
+// nothing of p stays.
+func (pr *PolicyRouting) InstallNext(p Policy) (*PolicyRouting, error) {
+	prev := pr.policy
+	p.IPv4, p.IPv6 = prev.IPv4, prev.IPv6
+	p.prev = &prev
+	return InstallPolicy(p)
+}
+
+// Retire removes what pr added that next (from pr.InstallNext) does not
+// use; what both use (the local route of a table they share) passes to
+// next, to be removed by next.Remove.
+func (pr *PolicyRouting) Retire(next *PolicyRouting) error {
+	if pr == nil {
+		return nil
+	}
+	shared := func(s string) {
+		next.Added = append(next.Added, s)
+		next.Present = slices.DeleteFunc(next.Present, func(p string) bool { return p == s })
+	}
+	pr.rules = slices.DeleteFunc(pr.rules, func(r netlink.Rule) bool {
+		if !isOurRule(r, next.policy) {
+			return false
+		}
+		next.rules = append(next.rules, r)
+		shared(ruleString(r.Family, r))
+		return true
+	})
+	pr.routes = slices.DeleteFunc(pr.routes, func(r netlink.Route) bool {
+		if r.Table != next.policy.Table {
+			return false
+		}
+		next.routes = append(next.routes, r)
+		shared(routeString(r.Family, r.Table))
+		return true
+	})
+	return pr.Remove()
 }
 
 // Remove deletes exactly the rules and routes InstallPolicy added. It is

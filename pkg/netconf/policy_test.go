@@ -2,8 +2,10 @@ package netconf
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os/exec"
+	"regexp"
 	"runtime"
 	"strings"
 	"testing"
@@ -269,6 +271,80 @@ func TestPrepareRPFilter(t *testing.T) {
 		}
 		if ifname, err := UpstreamInterface(netip.MustParseAddr("198.19.17.11")); err != nil || ifname != "d1" {
 			t.Errorf("upstream interface: %q, %v; want d1", ifname, err)
+		}
+	})
+}
+
+// TestPolicyInstallNext: a new mark, a new table, or both, installed next
+// to the running policy (its own rule is no conflict), then the old one
+// retired: what is left is exactly the new policy, and removing it leaves
+// the namespace as it was. A conflicting new policy changes nothing.
+func TestPolicyInstallNext(t *testing.T) {
+	inNetns(t, func() {
+		ip(t, "link", "set", "lo", "up")
+		before := routingState(t)
+		old := Policy{Mark: 0x1062, Table: 4194}
+		for _, next := range []Policy{
+			{Mark: 0x2000, Table: 4194}, // mark only: the route is shared
+			{Mark: 0x1062, Table: 5000}, // table only: the old rule has the same mark
+			{Mark: 0x2000, Table: 5000},
+		} {
+			pr, err := InstallPolicy(old)
+			if err != nil {
+				t.Errorf("install %+v: %v", old, err)
+				return
+			}
+			np, err := pr.InstallNext(next)
+			if err != nil {
+				t.Errorf("install next %+v: %v", next, err)
+				return
+			}
+			both := ip(t, "rule") + ip(t, "-6", "rule")
+			for _, want := range []string{"fwmark 0x1062 lookup 4194", fmt.Sprintf("fwmark %#x lookup %d", next.Mark, next.Table)} {
+				if strings.Count(both, want) != 2 {
+					t.Errorf("next %+v: want %q for both families while both are in:\n%s", next, want, both)
+				}
+			}
+			if err := pr.Retire(np); err != nil {
+				t.Errorf("retire for %+v: %v", next, err)
+			}
+			// Only the new policy is left (the same as installing it
+			// alone, but for the priority the kernel chose for the rule).
+			anyPrio := regexp.MustCompile(`(?m)^\d+:(\s+from all fwmark)`)
+			after := anyPrio.ReplaceAllString(routingState(t), "P:$1")
+			np.Remove()
+			alone, err := InstallPolicy(next)
+			if err != nil {
+				t.Errorf("install %+v alone: %v", next, err)
+				return
+			}
+			if want := anyPrio.ReplaceAllString(routingState(t), "P:$1"); after != want {
+				t.Errorf("after retiring %+v for %+v:\n%s\nwant (the new one alone):\n%s", old, next, after, want)
+			}
+			alone.Remove()
+			if got := routingState(t); got != before {
+				t.Errorf("after removing %+v:\n%s\nwant\n%s", next, got, before)
+			}
+		}
+
+		// A new table used by another rule: refused, the old policy stays.
+		pr, err := InstallPolicy(old)
+		if err != nil {
+			t.Errorf("install: %v", err)
+			return
+		}
+		ip(t, "rule", "add", "fwmark", "0x7", "lookup", "6000")
+		with := routingState(t)
+		if _, err := pr.InstallNext(Policy{Mark: 0x1062, Table: 6000}); !errors.Is(err, ErrPolicyConflict) {
+			t.Errorf("install next on a used table: %v, want ErrPolicyConflict", err)
+		}
+		if got := routingState(t); got != with {
+			t.Errorf("a refused InstallNext changed the state:\n%s\nwant\n%s", got, with)
+		}
+		ip(t, "rule", "del", "fwmark", "0x7", "lookup", "6000")
+		pr.Remove()
+		if got := routingState(t); got != before {
+			t.Errorf("after remove:\n%s\nwant\n%s", got, before)
 		}
 	})
 }

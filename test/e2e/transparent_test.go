@@ -378,3 +378,90 @@ func TestTransparentNoRouteBack(t *testing.T) {
 	}
 	l.stop(t)
 }
+
+// TestTransparentReloadMarkTable: a SIGHUP that changes transparent.mark
+// and transparent.table puts the new rule and route in, switches steer to
+// the new mark, and removes exactly the old rule and route: with only the
+// new rule left, replies still reach the proxy (so steer marks with the
+// new mark), IPv4 and IPv6, TCP and UDP. A new table another rule uses is
+// refused with a log line naming the key, and nothing changes. Stopping
+// lbctl run leaves the LB as it was.
+func TestTransparentReloadMarkTable(t *testing.T) {
+	h := newHarness(t, topo.Options{Backends: 2})
+	h.startBackends(t)
+	serveWhoAmI(t, h)
+	before := lbState(t, h)
+	l := h.run(t, transparentConfig(2, ""))
+	check := func(when string) {
+		t.Helper()
+		for _, fam := range []struct{ vip, client netip.Addr }{{topo.VIP4, topo.Client4}, {topo.VIP6, topo.Client6}} {
+			me, body, err := h.getFrom(netip.AddrPortFrom(fam.client, 0), netip.AddrPortFrom(fam.vip, 80))
+			if m := helloRE.FindStringSubmatch(body); err != nil || m == nil || m[2] != me.String() {
+				t.Fatalf("%s: GET from %s: %q, %v\n%s", when, me, body, err, l.out.String())
+			}
+			who := netip.AddrPortFrom(fam.vip, 9)
+			me, from, text, err := h.whoAmI(who)
+			if _, saw, _ := strings.Cut(text, " "); err != nil || saw != me.String() || from != who {
+				t.Fatalf("%s: UDP from %s: %q from %s, %v", when, me, text, from, err)
+			}
+		}
+	}
+	rules := func() string {
+		v4, err4 := h.LB.Run("ip", "rule")
+		v6, err6 := h.LB.Run("ip", "-6", "rule")
+		if err4 != nil || err6 != nil {
+			t.Fatal(err4, err6)
+		}
+		return v4 + v6
+	}
+	check("before the reload")
+
+	for _, c := range []struct{ mark, table, oldRule string }{
+		{"0x2000", "4194", "fwmark 0x1062 lookup 4194"}, // mark only
+		{"0x2000", "5000", "fwmark 0x2000 lookup 4194"}, // table only
+		{"0x3000", "6000", "fwmark 0x2000 lookup 5000"}, // both
+	} {
+		cfg := fmt.Sprintf("transparent: {mark: %s, table: %s}\n", c.mark, c.table) + transparentConfig(2, "")
+		if !l.reload(t, cfg) {
+			t.Fatalf("reload to mark %s table %s failed:\n%s", c.mark, c.table, l.out.String())
+		}
+		r := rules()
+		if want := "fwmark " + c.mark + " lookup " + c.table; strings.Count(r, want) != 2 || strings.Contains(r, c.oldRule) {
+			t.Errorf("after the reload to %s: want %q for IPv4 and IPv6 and no %q:\n%s", want, want, c.oldRule, r)
+		}
+		for _, fam := range []string{"-4", "-6"} {
+			out, err := h.LB.Run("ip", fam, "route", "show", "table", "all")
+			if err != nil || !strings.Contains(out, "local default dev lo table "+c.table) {
+				t.Errorf("ip %s route: no local default route in table %s: %v\n%s", fam, c.table, err, out)
+			}
+			if n := strings.Count(out, "local default dev lo table"); n != 1 {
+				t.Errorf("ip %s route: %d local default routes, want 1 (the old table's gone):\n%s", fam, n, out)
+			}
+		}
+		check("after the reload to mark " + c.mark + " table " + c.table)
+	}
+
+	// A table some other rule uses: refused, named, nothing changes.
+	if _, err := h.LB.Run("ip", "rule", "add", "fwmark", "0x7", "lookup", "7000"); err != nil {
+		t.Fatal(err)
+	}
+	was := lbState(t, h)
+	if l.reload(t, "transparent: {mark: 0x3000, table: 7000}\n"+transparentConfig(2, "")) {
+		t.Fatalf("reload to a used table succeeded:\n%s", l.out.String())
+	}
+	if out := l.out.String(); !strings.Contains(out, "table 7000 is used by") || !strings.Contains(out, "set transparent.table to an unused table") {
+		t.Errorf("refused reload: log does not name the table and the fix:\n%s", out)
+	}
+	if now := lbState(t, h); now != was {
+		t.Errorf("a refused reload changed the LB:\n%s\nwant\n%s", now, was)
+	}
+	check("after the refused reload")
+	if _, err := h.LB.Run("ip", "rule", "del", "fwmark", "0x7", "lookup", "7000"); err != nil {
+		t.Fatal(err)
+	}
+
+	l.stop(t)
+	if after := lbState(t, h); after != before {
+		t.Errorf("LB namespace after lbctl run stopped:\n%s\nwant (before):\n%s", after, before)
+	}
+}
