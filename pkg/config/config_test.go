@@ -134,6 +134,54 @@ services:
     listen: 198.18.98.10:80
     upstreams: [198.19.16.11:80]
 `, []string{`t.yaml:11: services[2].listen: 198.18.98.10:80/tcp is already the listen address of services[0] (line 4)`}},
+		{"transparent and router-NAT upstream shared", `
+services:
+  - name: who
+    protocol: udp
+    listen: 198.18.98.10:9
+    mode: transparent
+    upstreams: [198.19.16.12:53, 198.19.16.11:53]
+  - name: dns
+    protocol: udp
+    listen: 198.18.98.10:53
+    mode: dsr
+    health: {type: dns, query: www.example.com}
+    upstreams:
+      - 198.19.16.11:53
+      - 198.19.16.13:53
+  - name: web
+    listen: 198.18.98.10:80
+    mode: xdp
+    health: {type: tcp}
+    upstreams: [198.19.16.12:53]
+  - name: web2
+    protocol: udp
+    listen: 198.18.98.10:54
+    mode: xdp
+    dsr: {nat: origin}
+    health: {type: dns, query: www.example.com}
+    upstreams: [198.19.16.12:53]
+  - name: tcp53
+    listen: 198.18.98.10:53
+    mode: transparent
+    upstreams: [198.19.16.11:53]
+`, []string{
+			`t.yaml:14: services[1].upstreams[0]: upstream 198.19.16.11:53/udp is also an upstream of transparent service who (services[0].upstreams[1], line 7): the transparent service's steer program would deliver every reply from it to the proxy, so the replies meant for dns's router NAT would never reach the client; give the two services different upstream ports (or addresses), or use dsr.nat: origin`,
+		}},
+		{"router-NAT upstream before the transparent one", `
+services:
+  - name: web
+    listen: 198.18.98.10:80
+    mode: xdp
+    health: {type: tcp}
+    upstreams: [198.19.16.11:80]
+  - name: tweb
+    listen: 198.18.98.10:81
+    mode: transparent
+    upstreams: ["198.19.16.11:80"]
+`, []string{
+			`t.yaml:11: services[1].upstreams[0]: upstream 198.19.16.11:80/tcp is also an upstream of xdp service web (services[0].upstreams[0], line 7): the transparent service's steer program would deliver every reply from it to the proxy, so the replies meant for web's router NAT would never reach the client; give the two services different upstream ports (or addresses), or use dsr.nat: origin`,
+		}},
 		{"wildcard listen overlaps", `
 services:
   - name: a

@@ -492,4 +492,51 @@ func (d *decoder) crossServices(cfg *Config) {
 		listens[k] = p
 		order = append(order, k)
 	}
+	d.steeredVsRouterNAT(cfg)
+}
+
+// steeredVsRouterNAT refuses an upstream address:port/protocol shared by a
+// transparent service and a dsr or xdp service with router NAT: steer marks
+// every packet from it for local delivery to the transparent proxy, so the
+// DSR replies meant to be rewritten and forwarded by router NAT would never
+// leave the load balancer.
+func (d *decoder) steeredVsRouterNAT(cfg *Config) {
+	type upKey struct {
+		ap    netip.AddrPort
+		proto Protocol
+	}
+	type use struct {
+		path string // the upstream's field path
+		svc  Service
+	}
+	steered := map[upKey][]use{}
+	var routed []struct {
+		k upKey
+		use
+	}
+	for i, s := range cfg.Services {
+		for j, u := range s.Upstreams {
+			k := upKey{netip.AddrPortFrom(u.Addr.Addr().Unmap(), u.Addr.Port()), s.Protocol}
+			p := d.svcUp(d.svcs[i].path, j)
+			switch {
+			case s.Mode == ModeTransparent:
+				steered[k] = append(steered[k], use{p, s})
+			case (s.Mode == ModeDSR || s.Mode == ModeXDP) && s.DSR.NAT == "router":
+				routed = append(routed, struct {
+					k upKey
+					use
+				}{k, use{p, s}})
+			}
+		}
+	}
+	for _, r := range routed {
+		for _, t := range steered[r.k] {
+			at, other := r.use, t
+			if d.lineOf(t.path) > d.lineOf(r.path) {
+				at, other = t, r.use
+			}
+			d.at(at.path, "upstream %s/%s is also an upstream of %s service %s (%s, line %d): the transparent service's steer program would deliver every reply from it to the proxy, so the replies meant for %s's router NAT would never reach the client; give the two services different upstream ports (or addresses), or use dsr.nat: origin",
+				r.k.ap, r.k.proto, other.svc.Mode, other.svc.Name, other.path, d.lineOf(other.path), r.svc.Name)
+		}
+	}
 }
