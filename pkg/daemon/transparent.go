@@ -475,6 +475,10 @@ type transparentRunner struct {
 }
 
 func (r *transparentRunner) Start(ctx context.Context) error {
+	// Before anything is set up: without the capability nothing would work.
+	if err := proxy.CheckTransparent(upstreamAddrs(r.svc)); err != nil {
+		return err
+	}
 	c, err := r.host.acquire(r.svc)
 	if err != nil {
 		return err
@@ -489,6 +493,9 @@ func (r *transparentRunner) Start(ctx context.Context) error {
 }
 
 func (r *transparentRunner) Update(svc config.Service) error {
+	if err := proxy.CheckTransparent(upstreamAddrs(svc)); err != nil {
+		return err
+	}
 	c, err := r.host.acquire(svc)
 	if err != nil {
 		return err

@@ -90,6 +90,58 @@ func unmapAP(a netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(a.Addr().Unmap().WithZone(""), a.Port())
 }
 
+// ErrNoTransparentCap: the process may not set IP_TRANSPARENT /
+// IPV6_TRANSPARENT (the kernel wants CAP_NET_ADMIN or CAP_NET_RAW).
+var ErrNoTransparentCap = errors.New("needs CAP_NET_ADMIN or CAP_NET_RAW: run lbctl as root, or grant one of them (systemd: AmbientCapabilities=CAP_NET_ADMIN; docker: --cap-add NET_ADMIN; file: setcap cap_net_admin+ep lbctl)")
+
+// setTransparent sets IP_TRANSPARENT (IPV6_TRANSPARENT with v6) on fd.
+func setTransparent(fd int, v6 bool) error {
+	opt := "IP_TRANSPARENT"
+	var err error
+	if v6 {
+		opt = "IPV6_TRANSPARENT"
+		err = unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+	} else {
+		err = unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+	}
+	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+		return fmt.Errorf("set %s: %w: %w", opt, err, ErrNoTransparentCap)
+	}
+	if err != nil {
+		return fmt.Errorf("set %s: %w", opt, err)
+	}
+	return nil
+}
+
+// CheckTransparent reports whether this process may open transparent
+// upstream sockets towards the families of upstreams, so that a service
+// lacking the capability fails at start, naming it, instead of failing
+// every connection later.
+func CheckTransparent(upstreams []netip.AddrPort) error {
+	done := map[bool]bool{}
+	for _, u := range upstreams {
+		v6 := !u.Addr().Unmap().Is4()
+		if done[v6] {
+			continue
+		}
+		done[v6] = true
+		fam := unix.AF_INET
+		if v6 {
+			fam = unix.AF_INET6
+		}
+		fd, err := unix.Socket(fam, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("transparent upstream socket: %w", err)
+		}
+		err = setTransparent(fd, v6)
+		unix.Close(fd)
+		if err != nil {
+			return fmt.Errorf("transparent upstream socket: %w", err)
+		}
+	}
+	return nil
+}
+
 // ListenControl implements Dialer: nothing beyond the defaults.
 func (d *TransparentDialer) ListenControl(string, string, syscall.RawConn) error { return nil }
 
@@ -111,13 +163,7 @@ func (d *TransparentDialer) control(v6, noPort bool) func(string, string, syscal
 		var serr error
 		err := c.Control(func(fd uintptr) {
 			s := int(fd)
-			if v6 {
-				serr = unix.SetsockoptInt(s, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
-			} else {
-				serr = unix.SetsockoptInt(s, unix.SOL_IP, unix.IP_TRANSPARENT, 1)
-			}
-			if serr != nil {
-				serr = fmt.Errorf("set IP_TRANSPARENT: %w (needs CAP_NET_ADMIN: run lbctl as root)", serr)
+			if serr = setTransparent(s, v6); serr != nil {
 				return
 			}
 			if serr = unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); serr != nil {
@@ -296,13 +342,7 @@ func (d *TransparentDialer) dialUDP(local, upstream netip.AddrPort, v6 bool) (*n
 		var serr error
 		err := c.Control(func(fd uintptr) {
 			s := int(fd)
-			if v6 {
-				serr = unix.SetsockoptInt(s, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
-			} else {
-				serr = unix.SetsockoptInt(s, unix.SOL_IP, unix.IP_TRANSPARENT, 1)
-			}
-			if serr != nil {
-				serr = fmt.Errorf("set IP_TRANSPARENT: %w (needs CAP_NET_ADMIN: run lbctl as root)", serr)
+			if serr = setTransparent(s, v6); serr != nil {
 				return
 			}
 			if d.Interface != "" {

@@ -465,3 +465,43 @@ func TestTransparentReloadMarkTable(t *testing.T) {
 		t.Errorf("LB namespace after lbctl run stopped:\n%s\nwant (before):\n%s", after, before)
 	}
 }
+
+// TestTransparentNoCapability: `lbctl run` with a transparent service but
+// neither CAP_NET_ADMIN nor CAP_NET_RAW (capsh --drop, as root otherwise)
+// refuses to start with an error naming IP_TRANSPARENT, the capabilities
+// and the fix, and changes nothing on the LB (no rule, route or program
+// half set up).
+func TestTransparentNoCapability(t *testing.T) {
+	testenv.RequireCommand(t, "capsh")
+	h := newHarness(t, topo.Options{Backends: 1})
+	before := lbState(t, h)
+	path := filepath.Join(h.dir, "lbctl.yaml")
+	if err := os.WriteFile(path, []byte(transparentConfig(1, "")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := h.LB.Command("capsh", "--drop=cap_net_admin,cap_net_raw", "--", "-c", `exec "$0" "$@"`,
+		binary(t, "lbctl"), "--bpffs", h.LB.BPFFS, "run", "-c", path)
+	done := make(chan struct{})
+	var out []byte
+	var err error
+	go func() { out, err = cmd.CombinedOutput(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		cmd.Process.Kill()
+		<-done
+		t.Fatalf("lbctl run without the capabilities still running after 30s:\n%s", out)
+	}
+	if err == nil {
+		t.Fatalf("lbctl run without CAP_NET_ADMIN and CAP_NET_RAW exited 0:\n%s", out)
+	}
+	t.Logf("lbctl run without CAP_NET_ADMIN and CAP_NET_RAW:\n%s", out)
+	for _, want := range []string{"set IP_TRANSPARENT", "needs CAP_NET_ADMIN or CAP_NET_RAW", "run lbctl as root", "--cap-add NET_ADMIN"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if after := lbState(t, h); after != before {
+		t.Errorf("LB namespace after the refused start:\n%s\nwant (before):\n%s", after, before)
+	}
+}
