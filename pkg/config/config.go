@@ -94,6 +94,7 @@ type Config struct {
 	Metrics      Metrics       // metrics: {listen}
 	DrainTimeout time.Duration // drain_timeout, default 30s
 	Transparent  Transparent   // transparent: {mark, table}
+	XDP          XDP           // xdp: {mode}
 	Services     []Service
 }
 
@@ -113,6 +114,19 @@ type Metrics struct {
 type Transparent struct {
 	Mark  uint32 // fwmark the steer program sets; default DefaultMark
 	Table int    // routing table with the local default route; default DefaultTable
+}
+
+// XDP attach modes (the xdp: block's mode; lbctl attach --xdp-mode).
+const (
+	XDPAuto    = "auto"    // native where the driver supports it, else generic
+	XDPNative  = "native"  // in the driver, before an skb exists; fails where unsupported
+	XDPGeneric = "generic" // after the skb is built, on any interface
+)
+
+// XDP is the top-level xdp: block: how lbctl run attaches xdp_lb for the
+// services in mode xdp.
+type XDP struct {
+	Mode string // auto (default) | native | generic
 }
 
 // Service is one listen address and the upstreams behind it.

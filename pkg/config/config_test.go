@@ -182,6 +182,14 @@ services:
 `, []string{
 			`t.yaml:11: services[1].upstreams[0]: upstream 198.19.16.11:80/tcp is also an upstream of xdp service web (services[0].upstreams[0], line 7): the transparent service's steer program would deliver every reply from it to the proxy, so the replies meant for web's router NAT would never reach the client; give the two services different upstream ports (or addresses), or use dsr.nat: origin`,
 		}},
+		{"unknown xdp mode", `
+xdp:
+  mode: driver
+services:
+  - name: web
+    listen: 198.18.98.10:80
+    upstreams: [198.19.16.11:80]
+`, []string{`t.yaml:3: xdp.mode: unknown xdp mode "driver" (want auto, native or generic)`}},
 		{"wildcard listen overlaps", `
 services:
   - name: a
@@ -540,7 +548,7 @@ services:
     upstreams:
       - {<<: *up, address: 198.19.16.11:80}
 `, []string{
-			`t.yaml:2: x-up: unknown key`,
+			`t.yaml:2: x-up: unknown key (did you mean "xdp"?)`,
 			`t.yaml:7: services[0].upstreams[0].<<: merge keys are not supported; repeat the keys`,
 		}},
 	} {
@@ -678,6 +686,7 @@ func TestDesignConfig(t *testing.T) {
 		Metrics:      Metrics{Listen: "127.0.0.1:9100"},
 		DrainTimeout: 30 * time.Second,
 		Transparent:  Transparent{Mark: 0x1062, Table: 4194},
+		XDP:          XDP{Mode: XDPAuto},
 		Services: []Service{{
 			Name:           "web",
 			Protocol:       TCP,
@@ -764,6 +773,15 @@ services:
 	}
 	if fast.Health.Send != "ping" || fast.Health.Expect != "/^pong$/" {
 		t.Errorf("udp check: %+v", fast.Health)
+	}
+	if cfg.XDP.Mode != XDPAuto {
+		t.Errorf("xdp.mode default: %q, want %q", cfg.XDP.Mode, XDPAuto)
+	}
+	for _, m := range []string{XDPAuto, XDPNative, XDPGeneric} {
+		cfg, err := parse("t.yaml", []byte("xdp: {mode: "+m+"}\nservices: [{name: web, listen: 198.18.98.10:80, upstreams: [198.19.16.11:80]}]\n"), knownModes)
+		if err != nil || cfg.XDP.Mode != m {
+			t.Errorf("xdp.mode %s: %v, %+v", m, err, cfg)
+		}
 	}
 }
 

@@ -199,6 +199,11 @@ func (d *decoder) decode(data []byte) *Config {
 				"table": d.integer(&cfg.Transparent.Table),
 			})
 		},
+		"xdp": func(p string, v *yaml.Node) {
+			d.mapping(p, v, map[string]field{
+				"mode": d.str(&cfg.XDP.Mode),
+			})
+		},
 		"services": func(p string, v *yaml.Node) {
 			d.sequence(p, v, func(p string, item *yaml.Node) {
 				if item.Kind != yaml.MappingNode {

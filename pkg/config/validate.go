@@ -71,6 +71,14 @@ func (d *decoder) validate(cfg *Config, modes map[Mode]bool) {
 		d.at("transparent.table", "table %d out of range (1-4294967295)", t)
 	}
 
+	switch cfg.XDP.Mode {
+	case "":
+		cfg.XDP.Mode = XDPAuto
+	case XDPAuto, XDPNative, XDPGeneric:
+	default:
+		d.at("xdp.mode", "unknown xdp mode %q (want auto, native or generic)", cfg.XDP.Mode)
+	}
+
 	if len(cfg.Services) == 0 && !d.bad["services"] && !d.seen("services[0]") {
 		d.at("services", "at least one service is required")
 	}

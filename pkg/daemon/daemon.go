@@ -25,6 +25,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/lbctl/lbctl/pkg/config"
+	"github.com/lbctl/lbctl/pkg/dataplane"
 	"github.com/lbctl/lbctl/pkg/health"
 	"github.com/lbctl/lbctl/pkg/proxy"
 )
@@ -95,6 +96,10 @@ type Daemon struct {
 	ops ops // control socket and metrics (control.go)
 
 	exiting atomic.Bool // Shutdown began: mode xdp leaves its forwarding in place (xdp.go)
+
+	// xdpMode is the xdp.mode of the config being applied (d.mu): set
+	// before a reload starts or updates services, so they use the new one.
+	xdpMode dataplane.XDPMode
 }
 
 type service struct {
@@ -114,7 +119,8 @@ func New(opts Options) (*Daemon, error) {
 			opts.Log = NewLogger(cfg.Log, opts.LogTo)
 		}
 	}
-	return &Daemon{opts: opts, log: opts.Log, cfg: cfg, services: map[string]*service{}}, nil
+	return &Daemon{opts: opts, log: opts.Log, cfg: cfg, services: map[string]*service{},
+		xdpMode: xdpAttachMode(cfg.XDP)}, nil
 }
 
 // NewLogger returns the logger a config's log block asks for (level debug,
@@ -235,6 +241,7 @@ func (d *Daemon) Reload(ctx context.Context) error {
 	if err := d.transparent().retarget(cfg.Transparent.Mark, cfg.Transparent.Table); err != nil {
 		return fmt.Errorf("reload %s: %w", d.opts.ConfigPath, err)
 	}
+	d.xdpMode = xdpAttachMode(cfg.XDP) // xdp services re-attach in Update if it changed
 	keep := map[string]bool{}
 	var errs []error
 	for _, svc := range cfg.Services {

@@ -54,7 +54,8 @@ type xdpRunner struct {
 	mu      sync.Mutex // serialises table builds and guards below
 	svc     config.Service
 	ifname  string
-	mode    dataplane.XDPMode
+	mode    dataplane.XDPMode // attached in
+	want    dataplane.XDPMode // asked for (xdp.mode; "" auto)
 	gen     uint32
 	claim   *natClaim
 	started bool
@@ -91,14 +92,15 @@ func (r *xdpRunner) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	mode, err := dp.AttachXDP(ifaces[0], dataplane.XDPAuto)
+	want := r.d.xdpMode // d.mu is held (startLocked)
+	mode, err := dp.AttachXDP(ifaces[0], want)
 	dp.Close()
 	if err != nil {
-		return fmt.Errorf("service %s: %w", r.svc.Name, err)
+		return errors.Join(fmt.Errorf("service %s: %w%s", r.svc.Name, err, xdpModeHint(want)), r.d.routerNAT().release(claim))
 	}
-	log.Info("xdp_lb attached", zap.String("interface", ifaces[0]), zap.String("xdp_mode", string(mode)))
+	log.Info("xdp_lb attached", zap.String("interface", ifaces[0]), zap.String("xdp_mode", string(mode)), zap.String("config_xdp_mode", xdpModeName(want)))
 	r.mu.Lock()
-	r.ifname, r.mode, r.claim, r.started = ifaces[0], mode, claim, true
+	r.ifname, r.mode, r.want, r.claim, r.started = ifaces[0], mode, want, claim, true
 	r.mu.Unlock()
 	// The first table comes from the tracker's initial state (every
 	// upstream up but those marked down), as the pinned one did: a restart
@@ -147,7 +149,59 @@ func (r *xdpRunner) fillTable(tr *health.Tracker) {
 	log.Debug("xdp table swapped in", zap.Uint32("generation", gen))
 }
 
+// xdpAttachMode is the dataplane mode of the config's xdp.mode.
+func xdpAttachMode(x config.XDP) dataplane.XDPMode {
+	if x.Mode == config.XDPAuto {
+		return dataplane.XDPAuto
+	}
+	return dataplane.XDPMode(x.Mode)
+}
+
+func xdpModeName(m dataplane.XDPMode) string {
+	if m == dataplane.XDPAuto {
+		return config.XDPAuto
+	}
+	return string(m)
+}
+
+func xdpModeHint(m dataplane.XDPMode) string {
+	if m == dataplane.XDPNative {
+		return " (xdp.mode native: the driver may lack native XDP; set xdp.mode: auto or generic)"
+	}
+	return ""
+}
+
+// reattach moves xdp_lb to the xdp.mode of a reloaded config, if it
+// changed (d.mu held). Several xdp services on one interface each call it:
+// the first moves the hook, the others replace the program in place.
+func (r *xdpRunner) reattach() error {
+	want := r.d.xdpMode
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if want == r.want || !r.started {
+		return nil
+	}
+	dp, err := r.open()
+	if err != nil {
+		return err
+	}
+	mode, err := dp.AttachXDP(r.ifname, want)
+	dp.Close()
+	if err != nil {
+		return fmt.Errorf("service %s: xdp.mode %s: %w%s", r.svc.Name, xdpModeName(want), err, xdpModeHint(want))
+	}
+	if mode != r.mode {
+		r.d.Log().Info("xdp_lb moved to another XDP mode", zap.String("service", r.svc.Name), zap.String("interface", r.ifname),
+			zap.String("from", string(r.mode)), zap.String("xdp_mode", string(mode)), zap.String("config_xdp_mode", xdpModeName(want)))
+	}
+	r.mode, r.want = mode, want
+	return nil
+}
+
 func (r *xdpRunner) Update(svc config.Service) error {
+	if err := r.reattach(); err != nil {
+		return err
+	}
 	var claim *natClaim
 	var err error
 	if svc.DSR.NAT == "router" {

@@ -182,9 +182,11 @@ func (d *Dataplane) unpinXDP() error {
 }
 
 // AttachXDP loads the xdp_lb program and attaches it to ifname's XDP hook
-// in mode (XDPAuto: native, falling back to generic where the driver has
-// no XDP support), pinned under links/IFACE/xdp_MODE. Attaching again in
-// the same mode replaces the program in place. Returns the mode used.
+// in mode (XDPAuto: the mode already attached there by lbctl, else native,
+// falling back to generic where the driver has no XDP support), pinned
+// under links/IFACE/xdp_MODE. Attaching again in the same mode replaces
+// the program in place; in the other mode, it moves the hook (detach, then
+// attach: packets in between take the stack's path). Returns the mode used.
 func (d *Dataplane) AttachXDP(ifname string, mode XDPMode) (XDPMode, error) {
 	ifindex, err := lookupInterface(ifname)
 	if err != nil {
@@ -221,12 +223,17 @@ func (d *Dataplane) AttachXDP(ifname string, mode XDPMode) (XDPMode, error) {
 	try := []XDPMode{mode}
 	if mode == XDPAuto {
 		try = []XDPMode{XDPNative, XDPGeneric}
+		if _, err := os.Stat(filepath.Join(dir, XDPGeneric.pinName())); err == nil {
+			// Adopt the mode attached before (a restarted daemon, or
+			// lbctl attach --xdp-mode generic): never move the hook.
+			try = []XDPMode{XDPGeneric, XDPNative}
+		}
 	}
 	var errs []error
 	for _, m := range try {
 		err := d.attachXDPMode(ifname, ifindex, m, progs.XdpLb)
 		if err == nil {
-			if mode == XDPAuto && m == XDPGeneric {
+			if mode == XDPAuto && m == XDPGeneric && len(errs) > 0 {
 				d.log.Warn("native XDP not supported by the driver: attached in generic mode (slower, runs after the skb is built)",
 					zap.String("interface", ifname), zap.Error(errors.Join(errs...)))
 			}

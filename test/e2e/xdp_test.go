@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -430,4 +431,78 @@ func dataplaneServices(t *testing.T, h *harness) []dataplane.XDPServiceState {
 		t.Fatal(err)
 	}
 	return st
+}
+
+// xdpHook says how xdp_lb is attached to the LB's eth0: the pinned links
+// lbctl keeps, and the kernel's own view (ip link: "xdpgeneric" for
+// generic, "xdp" for native).
+func xdpHook(t *testing.T, h *harness) string {
+	t.Helper()
+	var pins []string
+	for _, m := range []string{"native", "generic"} {
+		if _, err := os.Stat(filepath.Join(h.LB.BPFFS, "lbctl", "links", "eth0", "xdp_"+m)); err == nil {
+			pins = append(pins, m)
+		}
+	}
+	first, _, _ := strings.Cut(mustRun(t, h.LB, "ip", "link", "show", "eth0"), "\n")
+	kernel := "none"
+	for _, f := range strings.Fields(first) {
+		switch f {
+		case "xdpgeneric":
+			kernel = "generic"
+		case "xdp":
+			kernel = "native"
+		}
+	}
+	return fmt.Sprintf("pinned %v, kernel %s", pins, kernel)
+}
+
+// TestXDPModeConfig: the config's xdp.mode decides how lbctl run attaches
+// xdp_lb (generic here, although the veth supports native); a SIGHUP to
+// native moves the hook, and the services go on forwarding; an unknown
+// mode is refused by the reload; a daemon started again with xdp.mode
+// absent (auto) adopts the mode attached before instead of moving it.
+func TestXDPModeConfig(t *testing.T) {
+	h := xdpTopology(t, topo.Options{})
+	h.startBackends(t)
+	cfg := xdpConfig("router")
+	l := h.run(t, "xdp: {mode: generic}\n"+cfg)
+	if got, want := xdpHook(t, h), "pinned [generic], kernel generic"; got != want {
+		t.Fatalf("xdp.mode generic: %s, want %s\n%s", got, want, l.out.String())
+	}
+	if st := mustRun(t, h.LB, binary(t, "lbctl"), "--bpffs", h.LB.BPFFS, "status", "--json"); !strings.Contains(st, `"attach_mode": "generic"`) {
+		t.Errorf("lbctl status does not say generic:\n%s", st)
+	}
+	h.checkSpread(t, dsrFamilies[0])
+
+	if !l.reload(t, "xdp: {mode: native}\n"+cfg) {
+		t.Fatalf("reload to xdp.mode native failed:\n%s", l.out.String())
+	}
+	if got, want := xdpHook(t, h), "pinned [native], kernel native"; got != want {
+		t.Errorf("after the reload to native: %s, want %s", got, want)
+	}
+	if !strings.Contains(l.out.String(), "xdp_lb moved to another XDP mode") {
+		t.Errorf("the move to native is not logged:\n%s", l.out.String())
+	}
+	h.checkSpread(t, dsrFamilies[0])
+	h.checkSpread(t, dsrFamilies[1])
+
+	if l.reload(t, "xdp: {mode: driver}\n"+cfg) {
+		t.Fatalf("reload with xdp.mode driver succeeded")
+	}
+	if !strings.Contains(l.out.String(), `xdp.mode: unknown xdp mode \"driver\"`) && !strings.Contains(l.out.String(), `xdp.mode: unknown xdp mode "driver"`) {
+		t.Errorf("the refused reload does not name xdp.mode:\n%s", l.out.String())
+	}
+	if !l.reload(t, "xdp: {mode: generic}\n"+cfg) {
+		t.Fatalf("reload back to generic failed:\n%s", l.out.String())
+	}
+	l.stop(t)
+	// Auto adopts what is attached: a restart never moves the hook.
+	l = h.run(t, cfg)
+	if got, want := xdpHook(t, h), "pinned [generic], kernel generic"; got != want {
+		t.Errorf("restarted with xdp.mode auto over a generic attachment: %s, want %s (adopted)", got, want)
+	}
+	h.checkSpread(t, dsrFamilies[0])
+	l.stop(t)
+	mustRun(t, h.LB, binary(t, "lbctl"), "--bpffs", h.LB.BPFFS, "detach", "eth0")
 }
