@@ -100,6 +100,12 @@ type Daemon struct {
 	// xdpMode is the xdp.mode of the config being applied (d.mu): set
 	// before a reload starts or updates services, so they use the new one.
 	xdpMode dataplane.XDPMode
+
+	// xdpOwner is the runner whose table each VIP's entry in xdp_lb holds
+	// (xdp.go): a runner being replaced writes and removes the entry only
+	// while it still owns it.
+	xdpMu    sync.Mutex
+	xdpOwner map[dataplane.XDPService]*xdpRunner
 }
 
 type service struct {
@@ -120,7 +126,7 @@ func New(opts Options) (*Daemon, error) {
 		}
 	}
 	return &Daemon{opts: opts, log: opts.Log, cfg: cfg, services: map[string]*service{},
-		xdpMode: xdpAttachMode(cfg.XDP)}, nil
+		xdpMode: xdpAttachMode(cfg.XDP), xdpOwner: map[dataplane.XDPService]*xdpRunner{}}, nil
 }
 
 // NewLogger returns the logger a config's log block asks for (level debug,
@@ -288,6 +294,11 @@ func sameSocket(a, b config.Service) bool {
 // background, draining for up to timeout.
 func (d *Daemon) drainLocked(s *service, timeout time.Duration) {
 	delete(d.services, s.cfg.Name)
+	if x, ok := s.run.(*xdpRunner); ok && !d.exiting.Load() {
+		// Nothing to drain: out of the program now, before the reload
+		// returns (and before a service that replaces it can be undone).
+		x.leave()
+	}
 	d.draining.Add(1)
 	go func() {
 		defer d.draining.Done()

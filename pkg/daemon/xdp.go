@@ -102,6 +102,9 @@ func (r *xdpRunner) Start(ctx context.Context) error {
 	r.mu.Lock()
 	r.ifname, r.mode, r.want, r.claim, r.started = ifaces[0], mode, want, claim, true
 	r.mu.Unlock()
+	r.d.xdpMu.Lock()
+	r.d.xdpOwner[r.key] = r // from now on the VIP's entry is this runner's
+	r.d.xdpMu.Unlock()
 	// The first table comes from the tracker's initial state (every
 	// upstream up but those marked down), as the pinned one did: a restart
 	// swaps in an equal table.
@@ -134,6 +137,11 @@ func (r *xdpRunner) fillTable(tr *health.Tracker) {
 	}
 	table := balance.MaglevTable(ups, dataplane.XDPTableSize)
 	log := r.d.Log().With(zap.String("service", r.svc.Name))
+	r.d.xdpMu.Lock()
+	defer r.d.xdpMu.Unlock()
+	if r.d.xdpOwner[r.key] != r {
+		return // replaced by a reload: the entry is the new runner's
+	}
 	dp, err := r.open()
 	if err != nil {
 		log.Error("rebuild xdp table", zap.Error(err))
@@ -224,16 +232,39 @@ func (r *xdpRunner) Update(svc config.Service) error {
 // router NAT claim is released.
 func (r *xdpRunner) Stop(ctx context.Context) error {
 	r.health.stop()
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.started = false
 	if r.d.exiting.Load() {
+		r.mu.Lock()
+		r.started = false
+		r.mu.Unlock()
 		r.d.Log().Info("xdp forwarding stays after exit; lbctl detach IFACE removes it",
 			zap.String("service", r.svc.Name), zap.String("interface", r.ifname))
 		return nil
 	}
+	err := r.leave()
+	r.mu.Lock()
+	c := r.claim
+	r.claim = nil
+	r.mu.Unlock()
+	return errors.Join(err, r.d.routerNAT().release(c))
+}
+
+// leave takes the service out of xdp_lb, if its entry is still this
+// runner's (a service that replaced it on the same VIP keeps its own),
+// and stops table builds. Called at once when a reload removes or
+// replaces the service (drainLocked), and again by Stop (a no-op then).
+func (r *xdpRunner) leave() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.started = false
+	r.d.xdpMu.Lock()
+	defer r.d.xdpMu.Unlock()
+	if r.d.xdpOwner[r.key] != r {
+		return nil
+	}
+	delete(r.d.xdpOwner, r.key)
 	dp, err := r.open()
 	if err != nil {
+		r.d.Log().Error("remove xdp service", zap.String("service", r.svc.Name), zap.Error(err))
 		return err
 	}
 	err = dp.DelXDPService(r.key)
@@ -241,9 +272,12 @@ func (r *xdpRunner) Stop(ctx context.Context) error {
 	if errors.Is(err, dataplane.ErrNoService) {
 		err = nil
 	}
-	c := r.claim
-	r.claim = nil
-	return errors.Join(err, r.d.routerNAT().release(c))
+	if err != nil {
+		r.d.Log().Error("remove xdp service", zap.String("service", r.svc.Name), zap.Error(err))
+	} else {
+		r.d.Log().Info("xdp service removed from xdp_lb", zap.String("service", r.svc.Name), zap.Stringer("vip", r.key.VIP))
+	}
+	return err
 }
 
 func (r *xdpRunner) Status() ServiceStatus {

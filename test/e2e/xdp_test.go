@@ -433,6 +433,124 @@ func dataplaneServices(t *testing.T, h *harness) []dataplane.XDPServiceState {
 	return st
 }
 
+// withService returns cfg (as xdpConfig writes it) with service name's
+// block replaced by blk.
+func withService(cfg, name, blk string) string {
+	head, rest, _ := strings.Cut(cfg, "  - name: ")
+	var b strings.Builder
+	b.WriteString(head)
+	for _, s := range strings.Split("  - name: "+rest, "\n  - name: ") {
+		s = strings.TrimPrefix(s, "  - name: ")
+		if strings.HasPrefix(s, name+"\n") {
+			b.WriteString(blk)
+			continue
+		}
+		b.WriteString("  - name: " + strings.TrimSuffix(s, "\n") + "\n")
+	}
+	return b.String()
+}
+
+// webSeen GETs VIP4:80 from the client and returns the address the backend
+// saw the connection come from (the client's in mode xdp, the LB's in
+// mode proxy).
+func (h *harness) webSeen(t *testing.T) netip.Addr {
+	t.Helper()
+	body, err := h.httpGet(netip.AddrPortFrom(topo.VIP4, 80))
+	if err != nil {
+		t.Fatalf("GET %s: %v", topo.VIP4, err)
+	}
+	m := helloRE.FindStringSubmatch(body)
+	if m == nil {
+		t.Fatalf("GET %s: body %q", topo.VIP4, body)
+	}
+	from, err := netip.ParseAddrPort(m[2])
+	if err != nil {
+		t.Fatalf("GET %s: %q: %v", topo.VIP4, body, err)
+	}
+	return from.Addr().Unmap()
+}
+
+func hasXDPService(t *testing.T, h *harness, vip netip.AddrPort) bool {
+	t.Helper()
+	for _, s := range dataplaneServices(t, h) {
+		if s.VIP == vip {
+			return true
+		}
+	}
+	return false
+}
+
+// TestXDPReloadModeChange: a SIGHUP that moves web4 from mode xdp to mode
+// proxy removes exactly its entry from xdp_lb (the other services stay
+// in the program) and the proxy serves it (the backend sees the LB's
+// address); moving it back puts it in the program again (the backend sees
+// the client) and the proxy's listener goes.
+func TestXDPReloadModeChange(t *testing.T) {
+	h := xdpTopology(t, topo.Options{})
+	h.startBackends(t)
+	cfg := xdpConfig("router")
+	proxied := withService(cfg, "web4", fmt.Sprintf("  - name: web4\n    protocol: tcp\n    listen: \"%s\"\n    mode: proxy\n    upstreams:\n      - \"%s\"\n      - \"%s\"\n",
+		netip.AddrPortFrom(topo.VIP4, 80), netip.AddrPortFrom(topo.Backend4(1), 80), netip.AddrPortFrom(topo.Backend4(2), 80)))
+	web4 := netip.AddrPortFrom(topo.VIP4, 80)
+	others := []netip.AddrPort{netip.AddrPortFrom(topo.VIP4, 53), netip.AddrPortFrom(topo.VIP6, 53), netip.AddrPortFrom(topo.VIP6, 80)}
+	l := h.run(t, cfg)
+	if !hasXDPService(t, h, web4) {
+		t.Fatalf("web4 not in xdp_lb at start")
+	}
+	if from := h.webSeen(t); from != topo.Client4 {
+		t.Fatalf("mode xdp: the backend saw %s, want the client %s", from, topo.Client4)
+	}
+
+	if !l.reload(t, proxied) {
+		t.Fatalf("reload web4 -> proxy failed:\n%s", l.out.String())
+	}
+	if hasXDPService(t, h, web4) {
+		t.Errorf("web4 still in xdp_lb after the reload moved it to mode proxy: %+v", dataplaneServices(t, h))
+	}
+	for _, o := range others {
+		if !hasXDPService(t, h, o) {
+			t.Errorf("%s left xdp_lb, but only web4 changed mode", o)
+		}
+	}
+	for range 4 {
+		if from := h.webSeen(t); from != topo.LBUp4 {
+			t.Fatalf("after xdp -> proxy: the backend saw %s, want the LB's %s (the proxy)\n%s", from, topo.LBUp4, l.out.String())
+		}
+	}
+
+	if !l.reload(t, cfg) {
+		t.Fatalf("reload web4 -> xdp failed:\n%s", l.out.String())
+	}
+	if !hasXDPService(t, h, web4) {
+		t.Errorf("web4 not in xdp_lb after the reload moved it back to mode xdp")
+	}
+	for range 4 {
+		if from := h.webSeen(t); from != topo.Client4 {
+			t.Fatalf("after proxy -> xdp: the backend saw %s, want the client %s", from, topo.Client4)
+		}
+	}
+	h.checkNoSocket(t, l)
+
+	// The same VIP under another name (web4 goes, web4b comes, both
+	// xdp): the new service's entry stays, whatever order the old one
+	// stops in.
+	renamed := strings.Replace(cfg, "  - name: web4\n", "  - name: web4b\n", 1)
+	if !l.reload(t, renamed) {
+		t.Fatalf("reload web4 -> web4b failed:\n%s", l.out.String())
+	}
+	l.waitOutput(t, "service stopped\t{\"service\": \"web4\"}", 1)
+	if !hasXDPService(t, h, web4) {
+		t.Errorf("web4b not in xdp_lb: removing web4 took the entry web4b had just set")
+	}
+	for range 4 {
+		if from := h.webSeen(t); from != topo.Client4 {
+			t.Fatalf("after web4 -> web4b: the backend saw %s, want the client %s", from, topo.Client4)
+		}
+	}
+	l.stop(t)
+	mustRun(t, h.LB, binary(t, "lbctl"), "--bpffs", h.LB.BPFFS, "detach", "eth0")
+}
+
 // xdpHook says how xdp_lb is attached to the LB's eth0: the pinned links
 // lbctl keeps, and the kernel's own view (ip link: "xdpgeneric" for
 // generic, "xdp" for native).
