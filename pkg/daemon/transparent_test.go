@@ -130,3 +130,61 @@ func TestTransparentHostRefcount(t *testing.T) {
 	// Releasing twice is harmless.
 	in(func() error { return h.release(claims[1]) })
 }
+
+// TestTransparentRetargetForeignSteer: with the steer program attached
+// before lbctl run started (lbctl attach --steer, which lbctl run does not
+// own), a reload may change transparent.table (the rule moves, steer's
+// mark stays) but not transparent.mark: refused, naming the fix, and the
+// LB unchanged. The last release leaves the policy as before and the
+// foreign steer attached.
+func TestTransparentRetargetForeignSteer(t *testing.T) {
+	tp := topo.Start(t, topo.Options{Backends: 1})
+	lb := tp.LB
+	cfg, err := config.Parse("t.yaml", []byte(transparentTestConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := func(fn func() error) {
+		t.Helper()
+		if err := lb.Do(fn); err != nil {
+			t.Fatal(err)
+		}
+	}
+	in(func() error {
+		dp, err := dataplane.Open(dataplane.Options{Root: lb.BPFFS})
+		if err != nil {
+			return err
+		}
+		defer dp.Close()
+		_, err = dp.AttachSteer("eth1", dataplane.SteerOptions{Mark: config.DefaultMark})
+		return err
+	})
+	before := tpState(t, lb)
+	var h *transparentHost
+	var c *tpClaim
+	in(func() error {
+		d := &Daemon{log: zaptest.NewLogger(t), cfg: cfg, opts: Options{BPFFS: lb.BPFFS}}
+		h = d.transparent()
+		c, err = h.acquire(cfg.Services[0])
+		return err
+	})
+	held := tpState(t, lb)
+	in(func() error {
+		err := h.retarget(0x2000, config.DefaultTable)
+		if err == nil || !strings.Contains(err.Error(), "lbctl attach --steer") || !strings.Contains(err.Error(), "transparent.mark back to 0x1062") {
+			return fmt.Errorf("retarget to a new mark over a foreign steer: %v, want a refusal naming the fix", err)
+		}
+		return nil
+	})
+	if st := tpState(t, lb); st != held {
+		t.Errorf("a refused retarget changed the LB:\n%s\nwant\n%s", st, held)
+	}
+	in(func() error { return h.retarget(config.DefaultMark, 5000) })
+	if st := tpState(t, lb); !strings.Contains(st, "fwmark 0x1062 lookup 5000") || strings.Contains(st, "lookup 4194") || !strings.Contains(st, "eth1/steer") {
+		t.Errorf("after the retarget to table 5000:\n%s", st)
+	}
+	in(func() error { return h.release(c) })
+	if after := tpState(t, lb); after != before {
+		t.Errorf("after the release:\n%s\nwant\n%s", after, before)
+	}
+}
