@@ -36,10 +36,9 @@ struct {
 } snat_hosts SEC(".maps");
 
 /* Rule counts by kind (one slot), kept by user space under the state's
- * lock, so that the program skips lookups that cannot match. While both host
- * counts are 0 (no host rule, or state from an lbctl that kept no counts)
- * snat_hosts is skipped and snat_rules, which holds every rule, decides
- * alone: always correct. */
+ * lock, so that the program skips lookups that cannot match. Without kept
+ * (state from an lbctl that kept no counts) snat_hosts is skipped and
+ * snat_rules, which holds every rule, decides alone: always correct. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -122,15 +121,15 @@ static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be1
 /* rule_match returns the rule for p: the longest source prefix among the
  * rules for p's source port and the any-port rules; on equal prefixes the
  * rule naming the port wins. Host rules first (snat_hosts): a host rule for
- * the port cannot be beaten, and an any-port host rule only by that one;
- * the trie is walked only for prefix rules. */
+ * the port cannot be beaten, and an any-port host rule only by that one.
+ * The trie is walked only for the kinds of prefix rule that exist. */
 static __always_inline struct snat_value *rule_match(const struct pkt *p)
 {
-	struct snat_value *exact = NULL, *any;
-	__u32 zero = 0;
+	struct snat_value *exact = NULL, *any = NULL;
+	__u32 zero = 0, port_prefixes = 1, any_prefixes = 1;
 	struct snat_kind_counts *n = bpf_map_lookup_elem(&snat_rule_counts, &zero);
 
-	if (n && (n->port_hosts || n->any_hosts)) {
+	if (n && n->kept) {
 		if (p->sport && n->port_hosts) {
 			exact = host_lookup(p, p->sport);
 			if (exact)
@@ -141,17 +140,18 @@ static __always_inline struct snat_value *rule_match(const struct pkt *p)
 			if (any)
 				return any;
 		}
-		/* Every host rule is in snat_hosts: without prefix rules, no match. */
-		if (!n->prefixes)
-			return NULL;
+		/* Every host rule is in snat_hosts: the trie can only add prefix rules. */
+		port_prefixes = n->port_prefixes;
+		any_prefixes = n->any_prefixes;
 	}
-	if (p->sport) {
+	if (p->sport && port_prefixes) {
 		exact = rule_lookup(p, p->sport);
 		/* A host prefix (/32, /128) cannot be beaten: skip the 2nd lookup. */
 		if (exact && exact->src_len == (p->family == SNAT_FAMILY_V4 ? 32 : 128))
 			return exact;
 	}
-	any = rule_lookup(p, 0);
+	if (any_prefixes)
+		any = rule_lookup(p, 0);
 	if (exact && (!any || exact->src_len >= any->src_len))
 		return exact;
 	return any;

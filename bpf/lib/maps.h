@@ -65,11 +65,15 @@ struct snat_frag_value {
 };
 
 /* Value of snat_rule_counts (one slot): how many rules of each kind exist,
- * so that snat skips lookups that cannot match. Kept by user space. */
+ * so that snat skips lookups that cannot match. Kept by user space; kept is
+ * 0 in state pinned by an lbctl that kept no counts, and then the program
+ * looks everywhere in snat_rules, which holds every rule. */
 struct snat_kind_counts {
 	__u32 port_hosts;	/* host rules (/32, /128) naming a source port */
 	__u32 any_hosts;	/* host rules for any port */
-	__u32 prefixes;		/* the other rules (only in snat_rules) */
+	__u32 port_prefixes;	/* the other rules naming a source port (only in snat_rules) */
+	__u32 any_prefixes;	/* the other rules for any port (only in snat_rules) */
+	__u32 kept;		/* 1: the counts above are exact */
 };
 
 /* Value of snat_rule_stats, one slot per rule id, per CPU. */

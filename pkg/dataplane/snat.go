@@ -461,8 +461,10 @@ func (d *Dataplane) syncHosts() error {
 // of returns the count of the kind of rule k (in snat_rules) is.
 func (c *snatSnatKindCounts) of(k snatSnatKey) *uint32 {
 	switch _, host := hostKey(k); {
+	case !host && k.Sport != 0:
+		return &c.PortPrefixes
 	case !host:
-		return &c.Prefixes
+		return &c.AnyPrefixes
 	case k.Sport != 0:
 		return &c.PortHosts
 	default:
@@ -473,6 +475,7 @@ func (c *snatSnatKindCounts) of(k snatSnatKey) *uint32 {
 // setRuleCounts stores the numbers of rules of each kind, which the program
 // reads to skip lookups that cannot match.
 func (d *Dataplane) setRuleCounts(c snatSnatKindCounts) error {
+	c.Kept = 1
 	if err := d.snat.SnatRuleCounts.Update(uint32(0), c, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("store the rule counts: %w", privHint(err))
 	}

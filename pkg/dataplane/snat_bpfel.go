@@ -57,10 +57,12 @@ type snatSnatKey struct {
 }
 
 type snatSnatKindCounts struct {
-	_         structs.HostLayout
-	PortHosts uint32
-	AnyHosts  uint32
-	Prefixes  uint32
+	_            structs.HostLayout
+	PortHosts    uint32
+	AnyHosts     uint32
+	PortPrefixes uint32
+	AnyPrefixes  uint32
+	Kept         uint32
 }
 
 type snatSnatValue struct {

@@ -514,12 +514,12 @@ func TestSNATHostTable(t *testing.T) {
 		t.Fatalf("after deleting the host rule, want the /28 rule:%s", d)
 	}
 	var n snatSnatKindCounts
-	if err := tp.objs.SnatRuleCounts.Lookup(uint32(0), &n); err != nil || n != (snatSnatKindCounts{AnyHosts: 1, Prefixes: 1}) {
+	if err := tp.objs.SnatRuleCounts.Lookup(uint32(0), &n); err != nil || n != (snatSnatKindCounts{AnyHosts: 1, PortPrefixes: 1, Kept: 1}) {
 		t.Fatalf("snat_rule_counts = %+v (%v), want 1 any-port host rule and 1 prefix rule", n, err)
 	}
-	// Host counts of 0 (state from an older lbctl) skip snat_hosts; the
+	// Counts not kept (state from an older lbctl) skip snat_hosts; the
 	// trie still has the host rule.
-	if err := tp.objs.SnatRuleCounts.Update(uint32(0), snatSnatKindCounts{Prefixes: 1}, ebpf.UpdateAny); err != nil {
+	if err := tp.objs.SnatRuleCounts.Update(uint32(0), snatSnatKindCounts{}, ebpf.UpdateAny); err != nil {
 		t.Fatal(err)
 	}
 	p6 := pkt{src: backend6, dst: client6, proto: UDP, payload: []byte("q")}
@@ -552,4 +552,48 @@ func TestSNATHostTable(t *testing.T) {
 	if d := diffPacket(old.run(t, p.frame()), rewrite(p, a, 0).frame()); d != "" {
 		t.Fatalf("port host rule of older state hidden by a new any-port host rule:%s", d)
 	}
+}
+
+// TestSNATPrefixKinds: snat walks the trie only for the kinds of prefix rule
+// that exist (snat_rule_counts), so each kind must be counted exactly: a
+// port prefix rule alone, then an any-port prefix rule next to it, then the
+// port rule gone. Each step checks the counts and the packets the skipped
+// lookups would have found or missed.
+func TestSNATPrefixKinds(t *testing.T) {
+	tp := newTestProg(t)
+	counts := func(want snatSnatKindCounts) {
+		t.Helper()
+		var n snatSnatKindCounts
+		if err := tp.objs.SnatRuleCounts.Lookup(uint32(0), &n); err != nil || n != want {
+			t.Fatalf("snat_rule_counts = %+v (%v), want %+v", n, err, want)
+		}
+	}
+	on53 := pkt{src: backend4, dst: client4, proto: UDP, payload: []byte("q")}
+	on54 := on53
+	on54.src = netip.AddrPortFrom(backend4.Addr(), 54)
+	expect := func(p pkt, want pkt, what string) {
+		t.Helper()
+		if d := diffPacket(tp.run(t, p.frame()), want.frame()); d != "" {
+			t.Fatalf("%s:%s", what, d)
+		}
+	}
+	a, b := netip.MustParseAddr("198.18.98.1"), netip.MustParseAddr("198.18.98.2")
+	port28 := SNATRule{Src: net4, Proto: UDP, SPort: 53, To: a}
+	any24 := SNATRule{Src: netip.MustParsePrefix("198.19.16.0/24"), Proto: UDP, To: b}
+
+	tp.add(t, port28)
+	counts(snatSnatKindCounts{PortPrefixes: 1, Kept: 1})
+	expect(on53, rewrite(on53, a, 0), "port 53 with the /28 port rule alone")
+	expect(on54, on54, "port 54 with the /28 port-53 rule alone")
+
+	tp.add(t, any24)
+	counts(snatSnatKindCounts{PortPrefixes: 1, AnyPrefixes: 1, Kept: 1})
+	expect(on54, rewrite(on54, b, 0), "port 54 with an any-port /24 next to the /28")
+	expect(on53, rewrite(on53, a, 0), "port 53: the longer /28 port rule beats the /24")
+
+	if err := tp.d.DelSNAT(port28); err != nil {
+		t.Fatal(err)
+	}
+	counts(snatSnatKindCounts{AnyPrefixes: 1, Kept: 1})
+	expect(on53, rewrite(on53, b, 0), "port 53 after deleting the /28: the any-port /24")
 }

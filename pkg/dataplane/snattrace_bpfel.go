@@ -45,10 +45,12 @@ type snatTraceSnatKey struct {
 }
 
 type snatTraceSnatKindCounts struct {
-	_         structs.HostLayout
-	PortHosts uint32
-	AnyHosts  uint32
-	Prefixes  uint32
+	_            structs.HostLayout
+	PortHosts    uint32
+	AnyHosts     uint32
+	PortPrefixes uint32
+	AnyPrefixes  uint32
+	Kept         uint32
 }
 
 type snatTraceSnatValue struct {
