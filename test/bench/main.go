@@ -74,6 +74,7 @@ type options struct {
 	backend  string
 	dpTest   string
 	list     bool
+	lines    string
 	loads    loadParams
 }
 
@@ -83,6 +84,7 @@ func parseArgs(args []string, stderr io.Writer) (*options, error) {
 	fs.SetOutput(stderr)
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "how long each load line runs (whole seconds)")
 	fs.StringVar(&o.run, "run", ".", "run only the scenarios whose name matches this regular expression (see -list)")
+	fs.StringVar(&o.lines, "loads", ".", "run only the load lines whose name matches this regular expression (\"DNS udp4\", \"DNS udp6\", \"HTTP keep-alive\", \"HTTP new conn\")")
 	fs.StringVar(&o.out, "out", "bin/bench-results", "directory for the results file (bench-<time>.md) and the run's logs")
 	fs.StringVar(&o.lbctl, "lbctl", "bin/lbctl", "the lbctl binary")
 	fs.StringVar(&o.backend, "backend", "bin/backend", "the demo backend binary (go build ./test/backend)")
@@ -103,6 +105,9 @@ func parseArgs(args []string, stderr io.Writer) (*options, error) {
 	}
 	if _, err := regexp.Compile(o.run); err != nil {
 		return nil, fmt.Errorf("-run %q: %w", o.run, err)
+	}
+	if _, err := regexp.Compile(o.lines); err != nil {
+		return nil, fmt.Errorf("-loads %q: %w", o.lines, err)
 	}
 	if o.loads.dnsClients < 1 || o.loads.dnsOutstanding < 1 || o.loads.wrkConns < 1 || o.loads.wrkThreads < 1 {
 		return nil, errors.New("-dns-clients, -dns-outstanding, -http-conns and -http-threads must be at least 1")
@@ -171,7 +176,7 @@ func bench(ctx context.Context, log *zap.Logger, o *options, stdout io.Writer) (
 		return err
 	}
 	log.Info("topology up", zap.String("namespaces", "lbt-"+t.ID+"-*"))
-	e := &env{log: log, topo: t, dir: dir, duration: o.duration, lbctl: o.lbctl, dpTest: o.dpTest, loads: o.loads}
+	e := &env{log: log, topo: t, dir: dir, duration: o.duration, lbctl: o.lbctl, dpTest: o.dpTest, loads: o.loads, lines: regexp.MustCompile(o.lines)}
 	defer func() {
 		e.undo(0)
 		if cerr := t.Close(); cerr != nil {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -39,6 +40,7 @@ type env struct {
 	lbctl    string // the lbctl binary
 	dpTest   string // the compiled pkg/dataplane test binary
 	loads    loadParams
+	lines    *regexp.Regexp // the load lines to run (-loads); nil = all
 
 	mu       sync.Mutex
 	cleanups []func()
