@@ -39,6 +39,9 @@ type Options struct {
 	// ControlSocket is where lbctl status finds the daemon; default
 	// ControlSocket(BPFFS) (control.go).
 	ControlSocket string
+	// Pprof serves Go's profiles (net/http/pprof) under /debug/pprof/ on
+	// the control socket (root only); off by default (lbctl run --pprof).
+	Pprof bool
 }
 
 // runner runs one service in one mode.

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -256,5 +257,50 @@ func TestLoggerFromConfig(t *testing.T) {
 	d.Log().Warn("loud")
 	if got := out.String(); strings.Contains(got, "quiet") || !strings.HasPrefix(got, `{"level":"warn"`) || !strings.Contains(got, `"msg":"loud"`) {
 		t.Fatalf("log output %q: want only the warning, as JSON", got)
+	}
+}
+
+// TestPprofOnControlSocket: Options.Pprof serves /debug/pprof/ on the
+// control socket; without it the path is not there.
+func TestPprofOnControlSocket(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		t.Run(fmt.Sprint("pprof=", on), func(t *testing.T) {
+			a := nameServer(t, "a")
+			dir := t.TempDir()
+			path, sock := filepath.Join(dir, "lbctl.yaml"), filepath.Join(dir, "control.sock")
+			writeConfig(t, path, "services:\n"+tcpService("web", freePort(t), a))
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- Run(ctx, Options{ConfigPath: path, ControlSocket: sock, Pprof: on}) }()
+			defer func() {
+				cancel()
+				if err := <-done; err != nil {
+					t.Errorf("Run: %v", err)
+				}
+			}()
+			tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", sock)
+			}}
+			defer tr.CloseIdleConnections()
+			cl := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+			var code int
+			waitFor(t, "control socket", func() bool {
+				resp, err := cl.Get("http://lbctl/debug/pprof/cmdline")
+				if err != nil {
+					return false
+				}
+				resp.Body.Close()
+				code = resp.StatusCode
+				return true
+			})
+			want := http.StatusNotFound
+			if on {
+				want = http.StatusOK
+			}
+			if code != want {
+				t.Fatalf("GET /debug/pprof/cmdline with Pprof %v: status %d, want %d", on, code, want)
+			}
+		})
 	}
 }
