@@ -25,9 +25,9 @@ import (
 	"net/netip"
 	"os"
 	"sync/atomic"
+	"unsafe"
 
 	"go.uber.org/zap"
-	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 )
 
@@ -67,12 +67,18 @@ type DSRSender struct {
 	stats *DSRStats
 	v6    bool
 	conn  *net.IPConn
-	pc    *ipv4.PacketConn // ipv4.Message is socket.Message: WriteBatch serves both families
-	hdrs  []byte           // one header slot per message
-	msgs  []ipv4.Message
-	bufs  [][2][]byte             // per message: header, payload
-	orig  []int                   // per message: its index in Send's argument
-	addrs map[netip.Addr]net.Addr // upstream address -> sockaddr, reused across batches
+	mmsg  *mmsgSender
+	hdrs  []byte                      // one header slot per message
+	msgs  []unix.Mmsghdr              // per message: upstream sockaddr, two iovecs
+	iovs  []unix.Iovec                // per message: header, payload
+	orig  []int                       // per message: its index in Send's argument
+	addrs map[netip.Addr]*rawSockaddr // upstream address -> sockaddr, reused across batches
+}
+
+// rawSockaddr is the destination of a raw send (the port stays 0).
+type rawSockaddr struct {
+	sa  unix.RawSockaddrInet6 // or a RawSockaddrInet4 in its first bytes
+	len uint32
 }
 
 // NewDSRSender opens a raw socket for IPv6 (v6) or IPv4 datagrams. It needs
@@ -108,13 +114,18 @@ func NewDSRSender(log *zap.Logger, v6 bool, stats *DSRStats) (*DSRSender, error)
 		c.Close()
 		return nil, fmt.Errorf("open dsr raw socket: got %T, want an IP socket", c)
 	}
+	rc, err := ic.SyscallConn()
+	if err != nil {
+		ic.Close()
+		return nil, fmt.Errorf("open dsr raw socket: %w", err)
+	}
 	return &DSRSender{
 		log:   log,
 		stats: stats,
 		v6:    v6,
 		conn:  ic,
-		pc:    ipv4.NewPacketConn(ic),
-		addrs: map[netip.Addr]net.Addr{},
+		mmsg:  newMmsgSender(rc),
+		addrs: map[netip.Addr]*rawSockaddr{},
 	}, nil
 }
 
@@ -155,11 +166,12 @@ func (s *DSRSender) grow(n int) {
 		return
 	}
 	s.hdrs = make([]byte, n*s.hdrLen())
-	s.msgs = make([]ipv4.Message, n)
-	s.bufs = make([][2][]byte, n)
+	s.msgs = make([]unix.Mmsghdr, n)
+	s.iovs = make([]unix.Iovec, 2*n)
 	s.orig = make([]int, n)
 	for i := range s.msgs {
-		s.msgs[i].Buffers = s.bufs[i][:]
+		s.msgs[i].Hdr.Iov = &s.iovs[2*i]
+		s.msgs[i].Hdr.SetIovlen(2)
 	}
 }
 
@@ -186,27 +198,28 @@ func (s *DSRSender) Send(ds []DSRDatagram) (int, error) {
 			continue
 		}
 		m := &s.msgs[n]
-		m.Buffers[0], m.Buffers[1] = hdr, d.Payload
-		m.Addr = s.sockaddr(d.Upstream.Addr())
+		s.iovs[2*n].Base = &hdr[0]
+		s.iovs[2*n].SetLen(hl)
+		if len(d.Payload) > 0 {
+			s.iovs[2*n+1].Base = &d.Payload[0]
+		}
+		s.iovs[2*n+1].SetLen(len(d.Payload))
+		sa := s.sockaddr(d.Upstream.Addr().Unmap())
+		m.Hdr.Name = (*byte)(unsafe.Pointer(&sa.sa))
+		m.Hdr.Namelen = sa.len
 		s.orig[n] = i
 		n++
 	}
 	sent := 0
 	for i := 0; i < n; {
-		k, err := s.pc.WriteBatch(s.msgs[i:n], 0)
-		if k < 0 {
-			k = 0
-		}
+		k, err := s.mmsg.Send(s.msgs[i:n])
 		sent += k
 		i += k
 		if i >= n {
 			break
 		}
 		if err == nil {
-			if k > 0 {
-				continue // the next call reports the message that stopped this one
-			}
-			err = errors.New("sendmmsg sent nothing")
+			continue // the next call reports the message that stopped this one
 		}
 		// Message i failed on its own.
 		d := &ds[s.orig[i]]
@@ -221,7 +234,7 @@ func (s *DSRSender) Send(ds []DSRDatagram) (int, error) {
 		i++
 	}
 	for i := 0; i < n; i++ { // drop references to the callers' buffers
-		s.msgs[i].Buffers[1] = nil
+		s.iovs[2*i+1].Base = nil
 	}
 	s.stats.Sent.Add(uint64(sent))
 	return sent, firstErr
@@ -229,11 +242,21 @@ func (s *DSRSender) Send(ds []DSRDatagram) (int, error) {
 
 // sockaddr returns the destination address of a raw send to a, cached: the
 // upstreams are few, datagrams are many.
-func (s *DSRSender) sockaddr(a netip.Addr) net.Addr {
+func (s *DSRSender) sockaddr(a netip.Addr) *rawSockaddr {
 	if sa, ok := s.addrs[a]; ok {
 		return sa
 	}
-	sa := &net.IPAddr{IP: net.IP(a.AsSlice())}
+	sa := new(rawSockaddr)
+	if a.Is4() {
+		s4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(&sa.sa))
+		s4.Family = unix.AF_INET
+		s4.Addr = a.As4()
+		sa.len = unix.SizeofSockaddrInet4
+	} else {
+		sa.sa.Family = unix.AF_INET6
+		sa.sa.Addr = a.As16()
+		sa.len = unix.SizeofSockaddrInet6
+	}
 	if len(s.addrs) > 4096 { // upstreams changed a lot over reloads; start over
 		clear(s.addrs)
 	}

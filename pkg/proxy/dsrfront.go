@@ -10,7 +10,6 @@ import (
 	"sync/atomic"
 
 	"go.uber.org/zap"
-	"golang.org/x/net/ipv4"
 )
 
 // DSR is the front end of mode dsr: the UDP listening sockets of the other
@@ -49,7 +48,7 @@ func NewDSR(svc Service, pool *Pool, log *zap.Logger) *DSR {
 // sending socket per listening socket.
 func (d *DSR) Start() error {
 	svc := d.state.Load().svc
-	conns, err := listenUDP(&ProxyDialer{}, svc.Listen)
+	conns, err := listenUDP(&ProxyDialer{}, svc.Listen, dsrListeners())
 	if err != nil {
 		return err
 	}
@@ -120,14 +119,14 @@ func (d *DSR) Stop(context.Context) error {
 // read forwards the datagrams arriving on c until c is closed.
 func (d *DSR) read(c *net.UDPConn, s *DSRSender) {
 	defer d.readers.Done()
-	bc := newBatchConn(c)
-	ms := make([]ipv4.Message, batchSize)
-	for i := range ms {
-		ms[i].Buffers = [][]byte{make([]byte, maxDatagram)}
+	br, err := newBatchReader(c, batchSize, maxDatagram)
+	if err != nil {
+		d.log.Error("read failed", zap.Error(err))
+		return
 	}
 	ds := make([]DSRDatagram, batchSize)
 	for {
-		n, err := bc.ReadBatch(ms, 0)
+		n, err := br.Read()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -137,12 +136,11 @@ func (d *DSR) read(c *net.UDPConn, s *DSRSender) {
 		}
 		st := d.state.Load()
 		k, bytes := 0, 0
-		for _, m := range ms[:n] {
-			ua, ok := m.Addr.(*net.UDPAddr)
+		for j := range n {
+			client, payload, ok := br.Datagram(j)
 			if !ok {
 				continue
 			}
-			client := ua.AddrPort()
 			client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
 			i := st.pool.Pick(client, nil)
 			if i < 0 {
@@ -151,9 +149,9 @@ func (d *DSR) read(c *net.UDPConn, s *DSRSender) {
 			}
 			st.pool.Acquire(i) // counts the datagram on its upstream
 			st.pool.Release(i)
-			ds[k] = DSRDatagram{Client: client, Upstream: st.pool.Addr(i), Payload: m.Buffers[0][:m.N]}
+			ds[k] = DSRDatagram{Client: client, Upstream: st.pool.Addr(i), Payload: payload}
 			k++
-			bytes += m.N
+			bytes += len(payload)
 		}
 		sent, err := s.Send(ds[:k])
 		d.stats.accepted.Add(uint64(sent))

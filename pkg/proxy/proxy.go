@@ -82,6 +82,9 @@ func listenConfig(d Dialer, reusePort bool) *net.ListenConfig {
 // per core.
 func listeners() int { return max(1, runtime.GOMAXPROCS(0)) }
 
+// dsrListeners is the number of SO_REUSEPORT sockets of a dsr service.
+func dsrListeners() int { return listeners() }
+
 func network(proto string, a netip.AddrPort) string {
 	if a.Addr().Is4() {
 		return proto + "4"

@@ -13,8 +13,6 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/net/ipv4"
-	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 )
 
@@ -62,15 +60,9 @@ type udpState struct {
 	pool *Pool
 }
 
-// batchConn is ipv4.PacketConn or ipv6.PacketConn (same Message type).
-type batchConn interface {
-	ReadBatch(ms []ipv4.Message, flags int) (int, error)
-}
-
 type udpSock struct {
-	u     *UDP
-	conn  *net.UDPConn
-	batch batchConn
+	u    *UDP
+	conn *net.UDPConn
 
 	mu       sync.Mutex
 	sessions map[netip.AddrPort]*session
@@ -86,12 +78,12 @@ func NewUDP(svc Service, pool *Pool, d Dialer, log *zap.Logger) *UDP {
 // Start implements Frontend.
 func (u *UDP) Start() error {
 	svc := u.state.Load().svc
-	conns, err := listenUDP(u.dialer, svc.Listen)
+	conns, err := listenUDP(u.dialer, svc.Listen, listeners())
 	if err != nil {
 		return err
 	}
 	for _, c := range conns {
-		u.socks = append(u.socks, &udpSock{u: u, conn: c, batch: newBatchConn(c), sessions: map[netip.AddrPort]*session{}})
+		u.socks = append(u.socks, &udpSock{u: u, conn: c, sessions: map[netip.AddrPort]*session{}})
 	}
 	for _, s := range u.socks {
 		u.readers.Add(1)
@@ -149,12 +141,13 @@ func (u *UDP) Stop(ctx context.Context) error {
 
 func (s *udpSock) read() {
 	defer s.u.readers.Done()
-	ms := make([]ipv4.Message, batchSize)
-	for i := range ms {
-		ms[i].Buffers = [][]byte{make([]byte, maxDatagram)}
+	br, err := newBatchReader(s.conn, batchSize, maxDatagram)
+	if err != nil {
+		s.u.log.Error("read failed", zap.Error(err))
+		return
 	}
 	for {
-		n, err := s.batch.ReadBatch(ms, 0)
+		n, err := br.Read()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -162,12 +155,12 @@ func (s *udpSock) read() {
 			s.u.log.Warn("read failed", zap.Error(err))
 			continue
 		}
-		for _, m := range ms[:n] {
-			ua, ok := m.Addr.(*net.UDPAddr)
+		for j := range n {
+			client, b, ok := br.Datagram(j)
 			if !ok {
 				continue
 			}
-			s.dispatch(ua.AddrPort(), m.Buffers[0][:m.N])
+			s.dispatch(client, b)
 		}
 	}
 }
@@ -520,13 +513,13 @@ func (ss *session) abort() {
 	}
 }
 
-// listenUDP opens the UDP listening sockets of a service: one per core on
-// addr with SO_REUSEPORT (the kernel spreads clients over them), made
-// through d. Port 0 (tests): the others join the port the kernel chose.
-func listenUDP(d Dialer, addr netip.AddrPort) ([]*net.UDPConn, error) {
+// listenUDP opens the UDP listening sockets of a service: n on addr with
+// SO_REUSEPORT (the kernel spreads clients over them), made through d.
+// Port 0 (tests): the others join the port the kernel chose.
+func listenUDP(d Dialer, addr netip.AddrPort, n int) ([]*net.UDPConn, error) {
 	lc := listenConfig(d, true)
 	var conns []*net.UDPConn
-	for range listeners() {
+	for range n {
 		pc, err := lc.ListenPacket(context.Background(), network("udp", addr), addr.String())
 		if err != nil {
 			for _, c := range conns {
@@ -541,12 +534,4 @@ func listenUDP(d Dialer, addr netip.AddrPort) ([]*net.UDPConn, error) {
 		}
 	}
 	return conns, nil
-}
-
-// newBatchConn reads c in batches (recvmmsg).
-func newBatchConn(c *net.UDPConn) batchConn {
-	if c.LocalAddr().(*net.UDPAddr).IP.To4() != nil {
-		return ipv4.NewPacketConn(c)
-	}
-	return ipv6.NewPacketConn(c)
 }
