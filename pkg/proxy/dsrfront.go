@@ -12,8 +12,9 @@ import (
 	"go.uber.org/zap"
 )
 
-// DSR is the front end of mode dsr: the UDP listening sockets of the other
-// modes (SO_REUSEPORT, one per core, read in batches), but no session: each
+// DSR is the front end of mode dsr: UDP listening sockets like the other
+// modes' (SO_REUSEPORT, read in batches; one per two cores here, see
+// dsrListeners), but no session: each
 // datagram of a read batch gets an upstream from the Pool and the whole
 // batch leaves through the socket's DSRSender in one sendmmsg, from the
 // client's address:port. The upstream answers the client directly; nothing

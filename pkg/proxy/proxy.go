@@ -82,8 +82,13 @@ func listenConfig(d Dialer, reusePort bool) *net.ListenConfig {
 // per core.
 func listeners() int { return max(1, runtime.GOMAXPROCS(0)) }
 
-// dsrListeners is the number of SO_REUSEPORT sockets of a dsr service.
-func dsrListeners() int { return listeners() }
+// dsrListeners is the number of SO_REUSEPORT sockets of a dsr service: one
+// per two cores. A dsr reader's work per datagram is small, but its
+// sendmmsg carries each batch through the kernel's whole delivery path to
+// the upstreams on the reader's thread; fewer readers get bigger batches
+// and fewer wake-ups per datagram. Measured on 2 CPUs (docs/dsr.md): one
+// socket beat one per core.
+func dsrListeners() int { return max(1, runtime.GOMAXPROCS(0)/2) }
 
 func network(proto string, a netip.AddrPort) string {
 	if a.Addr().Is4() {
