@@ -65,19 +65,23 @@ func (d *ProxyDialer) control(_, _ string, c syscall.RawConn) error {
 	return nil
 }
 
-// DialTCP implements Dialer. The context's deadline becomes the dialer's
-// (no goroutine watches the context), TCP keep-alive stays off (four
-// setsockopt calls fewer per connection; the idle timeout ends dead
-// connections), and the address needs no parsing.
+// DialTCP implements Dialer. The socket is not bound before connect: the
+// kernel picks the local port at connect time, unique for the 4-tuple
+// (net.Dialer.DialTCP with a netip.AddrPort always binds, even to the
+// wildcard: one bind syscall more per connection, and a port that must be
+// free for every destination). TCP keep-alive stays off (four setsockopt
+// calls fewer per connection; the idle timeout ends dead connections). The
+// context carries the connect timeout.
 func (d *ProxyDialer) DialTCP(ctx context.Context, _, upstream netip.AddrPort) (*net.TCPConn, error) {
 	nd := net.Dialer{KeepAlive: -1}
 	if d.Interface != "" {
 		nd.Control = d.control
 	}
-	if dl, ok := ctx.Deadline(); ok {
-		nd.Deadline = dl
+	c, err := nd.DialContext(ctx, "tcp", upstream.String())
+	if err != nil {
+		return nil, err
 	}
-	return nd.DialTCP(context.Background(), "tcp", netip.AddrPort{}, upstream)
+	return c.(*net.TCPConn), nil
 }
 
 // DialUDP implements Dialer: an idle socket to upstream if one is kept,
