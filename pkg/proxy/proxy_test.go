@@ -230,6 +230,55 @@ func TestTCPHalfClose(t *testing.T) {
 	}
 }
 
+// The upstream half-closes first, the client last: the client's last bytes
+// and its FIN still reach the upstream intact, without a reset (the last
+// direction's FIN comes from close, not from a shutdown).
+func TestTCPHalfCloseUpstreamFirst(t *testing.T) {
+	testenv.RequireNetns(t)
+	ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(lo4, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	got := make(chan string, 1)
+	go func() {
+		c, err := ln.AcceptTCP()
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "bye\n")
+		c.CloseWrite()
+		b, err := io.ReadAll(c) // the client's last words, then EOF (not a reset)
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		got <- string(b)
+	}()
+	f := startTCP(t, Service{}, pool(t, "round_robin", ln.Addr().(*net.TCPAddr).AddrPort()))
+	c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(f.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	b, err := io.ReadAll(c)
+	if err != nil || string(b) != "bye\n" {
+		t.Fatalf("client read %q, %v; want \"bye\\n\" then EOF", b, err)
+	}
+	last := strings.Repeat("x", 100000)
+	if _, err := io.WriteString(c, last); err != nil {
+		t.Fatal(err)
+	}
+	c.CloseWrite()
+	if r := <-got; r != last {
+		t.Fatalf("upstream got %.40q (%d bytes), want the client's %d bytes then EOF", r, len(r), len(last))
+	}
+}
+
 func TestTCPIdleTimeout(t *testing.T) {
 	f := startTCP(t, Service{Timeout: 200 * time.Millisecond}, pool(t, "round_robin", tcpBackend(t, "dev1")))
 	c, err := net.Dial("tcp", f.Addr().String())
