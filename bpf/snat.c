@@ -35,6 +35,19 @@ struct {
 	__type(value, struct snat_value);
 } snat_hosts SEC(".maps");
 
+/* The IPv4 host rules (/32) once more, with a key of 8 bytes instead of
+ * 24: the hash the lookup computes over the key is most of its cost.
+ * snat_hosts keeps the IPv4 host rules too, for programs of an older lbctl
+ * still attached; this program reads it for IPv6 only. Used only when
+ * snat_rule_counts says SNAT_KEPT_HOSTS4 (kept in step). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_RULES);
+	__type(key, struct snat_host4_key);
+	__type(value, struct snat_value);
+} snat_hosts4 SEC(".maps");
+
 /* Rule counts by kind (one slot), kept by user space under the state's
  * lock, so that the program skips lookups that cannot match. Without kept
  * (state from an lbctl that kept no counts) snat_hosts is skipped and
@@ -108,6 +121,16 @@ static __always_inline struct snat_value *rule_lookup(const struct pkt *p, __be1
 
 static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be16 sport)
 {
+	if (p->family == SNAT_FAMILY_V4) {
+		struct snat_host4_key k4 = {
+			.sport = sport,
+			.proto = p->proto,
+		};
+
+		__builtin_memcpy(&k4.addr, p->saddr, sizeof(k4.addr));
+		return bpf_map_lookup_elem(&snat_hosts4, &k4);
+	}
+
 	struct snat_key key = {
 		.family = p->family,
 		.proto = p->proto,
@@ -120,7 +143,8 @@ static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be1
 
 /* rule_match returns the rule for p: the longest source prefix among the
  * rules for p's source port and the any-port rules; on equal prefixes the
- * rule naming the port wins. Host rules first (snat_hosts): a host rule for
+ * rule naming the port wins. Host rules first (snat_hosts4 for IPv4,
+ * snat_hosts for IPv6): a host rule for
  * the port cannot be beaten, and an any-port host rule only by that one.
  * The trie is walked only for the kinds of prefix rule that exist. */
 static __always_inline struct snat_value *rule_match(const struct pkt *p)
@@ -129,7 +153,9 @@ static __always_inline struct snat_value *rule_match(const struct pkt *p)
 	__u32 zero = 0, port_prefixes = 1, any_prefixes = 1;
 	struct snat_kind_counts *n = bpf_map_lookup_elem(&snat_rule_counts, &zero);
 
-	if (n && n->kept) {
+	/* IPv4 host rules are in snat_hosts4 only if this lbctl keeps the
+	 * counts; else the trie (always complete) decides. */
+	if (n && (n->kept == SNAT_KEPT_HOSTS4 || (n->kept && p->family == SNAT_FAMILY_V6))) {
 		if (p->sport && n->port_hosts) {
 			exact = host_lookup(p, p->sport);
 			if (exact)
@@ -140,7 +166,7 @@ static __always_inline struct snat_value *rule_match(const struct pkt *p)
 			if (any)
 				return any;
 		}
-		/* Every host rule is in snat_hosts: the trie can only add prefix rules. */
+		/* Every host rule of p's family is in the host tables: the trie can only add prefix rules. */
 		port_prefixes = n->port_prefixes;
 		any_prefixes = n->any_prefixes;
 	}

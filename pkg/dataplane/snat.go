@@ -2,7 +2,7 @@ package dataplane
 
 // The snat object; Go types come from the C structs in bpf/lib/maps.h.
 // `make generate` reruns this and CI diffs the result.
-//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_kind_counts -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
+//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_host4_key -type snat_kind_counts -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
 
 import (
 	"encoding/binary"
@@ -23,6 +23,9 @@ const (
 	familyV4     = 4
 	familyV6     = 6
 	keyFixedBits = 32 // SNAT_KEY_FIXED_BITS
+	// snatKeptHosts4 is SNAT_KEPT_HOSTS4: the rule counts are exact and
+	// snat_hosts and snat_hosts4 hold every host rule.
+	snatKeptHosts4 = 2
 )
 
 var snatProg = tcProg{name: "snat", egress: true}
@@ -168,6 +171,16 @@ func hostKey(k snatSnatKey) (snatSnatKey, bool) {
 	return k, host
 }
 
+// host4Key returns the snat_hosts4 key of hk (a hostKey) if it is an IPv4
+// host rule.
+func host4Key(hk snatSnatKey) (snatSnatHost4Key, bool) {
+	if hk.Family != familyV4 {
+		return snatSnatHost4Key{}, false
+	}
+	// Addr is the 4 address bytes in network order, as the program reads them.
+	return snatSnatHost4Key{Addr: binary.NativeEndian.Uint32(hk.Addr[:4]), Sport: hk.Sport, Proto: hk.Proto}, true
+}
+
 func ruleFromKV(k snatSnatKey, v snatSnatValue) SNATRule {
 	r := SNATRule{Proto: Proto(k.Proto), SPort: ntohs(k.Sport), ToPort: ntohs(v.Port)}
 	bits := int(k.Prefixlen) - keyFixedBits
@@ -221,6 +234,7 @@ func (d *Dataplane) AttachSNAT(ifname string) (Method, error) {
 	opts.MapReplacements = map[string]*ebpf.Map{
 		snatMapSnatRules:      d.snat.SnatRules,
 		snatMapSnatHosts:      d.snat.SnatHosts,
+		snatMapSnatHosts4:     d.snat.SnatHosts4,
 		snatMapSnatRuleCounts: d.snat.SnatRuleCounts,
 		snatMapSnatRuleStats:  d.snat.SnatRuleStats,
 		snatMapSnatCounters:   d.snat.SnatCounters,
@@ -278,10 +292,11 @@ func (d *Dataplane) AddSNAT(rule SNATRule) error {
 		return fmt.Errorf("add snat rule %s: %w", rule, privHint(err))
 	}
 	if hk, ok := hostKey(key); ok {
-		if err := d.snat.SnatHosts.Update(&hk, &val, ebpf.UpdateAny); err != nil {
+		if err := d.putHost(hk, val); err != nil {
+			_ = d.delHost(hk)
 			_ = d.snat.SnatRules.Delete(&key)
 			ids.free(id)
-			return fmt.Errorf("add snat rule %s: host rule table: %w", rule, privHint(err))
+			return fmt.Errorf("add snat rule %s: %w", rule, err)
 		}
 	}
 	c := d.ruleCounts
@@ -312,8 +327,8 @@ func (d *Dataplane) DelSNAT(rule SNATRule) (err error) {
 		return fmt.Errorf("delete snat rule %s: %w (see lbctl snat list)", rule, ErrRuleNotFound)
 	}
 	if hk, ok := hostKey(key); ok {
-		if err := d.snat.SnatHosts.Delete(&hk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete snat rule %s: host rule table: %w", rule, privHint(err))
+		if err := d.delHost(hk); err != nil {
+			return fmt.Errorf("delete snat rule %s: %w", rule, err)
 		}
 	}
 	c := d.ruleCounts
@@ -415,47 +430,92 @@ func (d *Dataplane) ids() (*idAlloc, error) {
 	return a, nil
 }
 
-// syncHosts makes snat_hosts hold exactly the host rules of snat_rules and
-// snat_host_count their number. State pinned by an lbctl without
-// snat_hosts lacks them there (its programs never looked there); this
-// program looks there first, so an any-port host rule there must not hide
-// a port host rule only in the trie.
+// putHost enters the host rule hk (a hostKey) into snat_hosts and, for
+// IPv4, snat_hosts4.
+func (d *Dataplane) putHost(hk snatSnatKey, v snatSnatValue) error {
+	if err := d.snat.SnatHosts.Update(&hk, &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("host rule table snat_hosts: %w", privHint(err))
+	}
+	if k4, ok := host4Key(hk); ok {
+		if err := d.snat.SnatHosts4.Update(&k4, &v, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("host rule table snat_hosts4: %w", privHint(err))
+		}
+	}
+	return nil
+}
+
+// delHost removes the host rule hk (a hostKey) from snat_hosts and
+// snat_hosts4; an absent entry is no error.
+func (d *Dataplane) delHost(hk snatSnatKey) error {
+	if err := d.snat.SnatHosts.Delete(&hk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("host rule table snat_hosts: %w", privHint(err))
+	}
+	if k4, ok := host4Key(hk); ok {
+		if err := d.snat.SnatHosts4.Delete(&k4); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("host rule table snat_hosts4: %w", privHint(err))
+		}
+	}
+	return nil
+}
+
+// syncHosts makes snat_hosts and snat_hosts4 hold exactly the host rules
+// of snat_rules and snat_rule_counts their numbers. State pinned by an
+// older lbctl lacks them there or holds stale ones (its programs never
+// looked there, or an older lbctl changed rules since); this program looks
+// there first, so an any-port host rule there must not hide a port host
+// rule only in the trie.
 func (d *Dataplane) syncHosts() error {
 	var (
-		k snatSnatKey
-		v snatSnatValue
-		c snatSnatKindCounts
+		k  snatSnatKey
+		k4 snatSnatHost4Key
+		v  snatSnatValue
+		c  snatSnatKindCounts
 	)
 	inTrie := map[snatSnatKey]bool{}
+	in4 := map[snatSnatHost4Key]bool{}
 	it := d.snat.SnatRules.Iterate()
 	for it.Next(&k, &v) {
 		if hk, ok := hostKey(k); ok {
-			if err := d.snat.SnatHosts.Update(&hk, &v, ebpf.UpdateAny); err != nil {
-				return fmt.Errorf("copy host rules into snat_hosts: %w", privHint(err))
+			if err := d.putHost(hk, v); err != nil {
+				return fmt.Errorf("copy host rules: %w", err)
 			}
 			inTrie[hk] = true
+			if k4, ok := host4Key(hk); ok {
+				in4[k4] = true
+			}
 		}
 		*c.of(k) += 1
 	}
 	if err := it.Err(); err != nil {
-		return fmt.Errorf("copy host rules into snat_hosts: %w", privHint(err))
+		return fmt.Errorf("copy host rules: %w", privHint(err))
 	}
-	var stale []snatSnatKey
-	it = d.snat.SnatHosts.Iterate()
-	for it.Next(&k, &v) {
-		if !inTrie[k] {
-			stale = append(stale, k)
+	if err := deleteStale(d.snat.SnatHosts, &k, &v, inTrie); err != nil {
+		return err
+	}
+	if err := deleteStale(d.snat.SnatHosts4, &k4, &v, in4); err != nil {
+		return err
+	}
+	return d.setRuleCounts(c)
+}
+
+// deleteStale deletes from the host rule table m every key not in keep.
+func deleteStale[K comparable](m *ebpf.Map, k *K, v *snatSnatValue, keep map[K]bool) error {
+	var stale []K
+	it := m.Iterate()
+	for it.Next(k, v) {
+		if !keep[*k] {
+			stale = append(stale, *k)
 		}
 	}
 	if err := it.Err(); err != nil {
-		return fmt.Errorf("list snat_hosts: %w", privHint(err))
+		return fmt.Errorf("list host rule table: %w", privHint(err))
 	}
-	for _, k := range stale {
-		if err := d.snat.SnatHosts.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("remove stale host rule from snat_hosts: %w", privHint(err))
+	for _, sk := range stale {
+		if err := m.Delete(&sk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("remove stale host rule: %w", privHint(err))
 		}
 	}
-	return d.setRuleCounts(c)
+	return nil
 }
 
 // of returns the count of the kind of rule k (in snat_rules) is.
@@ -475,7 +535,7 @@ func (c *snatSnatKindCounts) of(k snatSnatKey) *uint32 {
 // setRuleCounts stores the numbers of rules of each kind, which the program
 // reads to skip lookups that cannot match.
 func (d *Dataplane) setRuleCounts(c snatSnatKindCounts) error {
-	c.Kept = 1
+	c.Kept = snatKeptHosts4
 	if err := d.snat.SnatRuleCounts.Update(uint32(0), c, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("store the rule counts: %w", privHint(err))
 	}

@@ -47,6 +47,14 @@ type snatSnatFragValue struct {
 	RuleId uint32
 }
 
+type snatSnatHost4Key struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Sport uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type snatSnatKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -81,6 +89,7 @@ const (
 	snatMapSnatCounters   = "snat_counters"
 	snatMapSnatFrags      = "snat_frags"
 	snatMapSnatHosts      = "snat_hosts"
+	snatMapSnatHosts4     = "snat_hosts4"
 	snatMapSnatRuleCounts = "snat_rule_counts"
 	snatMapSnatRuleStats  = "snat_rule_stats"
 	snatMapSnatRules      = "snat_rules"
@@ -140,6 +149,7 @@ type snatMapSpecs struct {
 	SnatCounters   *ebpf.MapSpec `ebpf:"snat_counters"`
 	SnatFrags      *ebpf.MapSpec `ebpf:"snat_frags"`
 	SnatHosts      *ebpf.MapSpec `ebpf:"snat_hosts"`
+	SnatHosts4     *ebpf.MapSpec `ebpf:"snat_hosts4"`
 	SnatRuleCounts *ebpf.MapSpec `ebpf:"snat_rule_counts"`
 	SnatRuleStats  *ebpf.MapSpec `ebpf:"snat_rule_stats"`
 	SnatRules      *ebpf.MapSpec `ebpf:"snat_rules"`
@@ -175,6 +185,7 @@ type snatMaps struct {
 	SnatCounters   *ebpf.Map `ebpf:"snat_counters"`
 	SnatFrags      *ebpf.Map `ebpf:"snat_frags"`
 	SnatHosts      *ebpf.Map `ebpf:"snat_hosts"`
+	SnatHosts4     *ebpf.Map `ebpf:"snat_hosts4"`
 	SnatRuleCounts *ebpf.Map `ebpf:"snat_rule_counts"`
 	SnatRuleStats  *ebpf.Map `ebpf:"snat_rule_stats"`
 	SnatRules      *ebpf.Map `ebpf:"snat_rules"`
@@ -185,6 +196,7 @@ func (m *snatMaps) Close() error {
 		m.SnatCounters,
 		m.SnatFrags,
 		m.SnatHosts,
+		m.SnatHosts4,
 		m.SnatRuleCounts,
 		m.SnatRuleStats,
 		m.SnatRules,

@@ -35,6 +35,14 @@ type snatTraceSnatFragValue struct {
 	RuleId uint32
 }
 
+type snatTraceSnatHost4Key struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Sport uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type snatTraceSnatKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -110,6 +118,7 @@ const (
 	snatTraceMapSnatCounters     = "snat_counters"
 	snatTraceMapSnatFrags        = "snat_frags"
 	snatTraceMapSnatHosts        = "snat_hosts"
+	snatTraceMapSnatHosts4       = "snat_hosts4"
 	snatTraceMapSnatRuleCounts   = "snat_rule_counts"
 	snatTraceMapSnatRuleStats    = "snat_rule_stats"
 	snatTraceMapSnatRules        = "snat_rules"
@@ -176,6 +185,7 @@ type snatTraceMapSpecs struct {
 	SnatCounters   *ebpf.MapSpec `ebpf:"snat_counters"`
 	SnatFrags      *ebpf.MapSpec `ebpf:"snat_frags"`
 	SnatHosts      *ebpf.MapSpec `ebpf:"snat_hosts"`
+	SnatHosts4     *ebpf.MapSpec `ebpf:"snat_hosts4"`
 	SnatRuleCounts *ebpf.MapSpec `ebpf:"snat_rule_counts"`
 	SnatRuleStats  *ebpf.MapSpec `ebpf:"snat_rule_stats"`
 	SnatRules      *ebpf.MapSpec `ebpf:"snat_rules"`
@@ -218,6 +228,7 @@ type snatTraceMaps struct {
 	SnatCounters   *ebpf.Map `ebpf:"snat_counters"`
 	SnatFrags      *ebpf.Map `ebpf:"snat_frags"`
 	SnatHosts      *ebpf.Map `ebpf:"snat_hosts"`
+	SnatHosts4     *ebpf.Map `ebpf:"snat_hosts4"`
 	SnatRuleCounts *ebpf.Map `ebpf:"snat_rule_counts"`
 	SnatRuleStats  *ebpf.Map `ebpf:"snat_rule_stats"`
 	SnatRules      *ebpf.Map `ebpf:"snat_rules"`
@@ -229,6 +240,7 @@ func (m *snatTraceMaps) Close() error {
 		m.SnatCounters,
 		m.SnatFrags,
 		m.SnatHosts,
+		m.SnatHosts4,
 		m.SnatRuleCounts,
 		m.SnatRuleStats,
 		m.SnatRules,
