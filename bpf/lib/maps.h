@@ -104,7 +104,7 @@ struct rule_stats {
 /* Indices of snat_counters (per CPU). Stable: never renumber, only append.
  * seen = rewritten + no_match + not_parsed + errors. */
 enum snat_counter {
-	SNAT_SEEN = 0,		/* packets the program ran on */
+	SNAT_SEEN = 0,		/* packets the program ran on: not counted in BPF (older programs did), user space sums the next four */
 	SNAT_REWRITTEN = 1,	/* source rewritten (fragments included) */
 	SNAT_NO_MATCH = 2,	/* IPv4/IPv6 UDP/TCP, no rule matched: passed unchanged */
 	SNAT_NOT_PARSED = 3,	/* not IP, not UDP/TCP, truncated, unfollowed header: passed unchanged */

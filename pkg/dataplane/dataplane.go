@@ -139,7 +139,7 @@ func Open(opts Options) (*Dataplane, error) {
 		}
 	}
 	d := &Dataplane{log: opts.Log, dir: dir, cls: opts.ClsBPF, forceCls: opts.ForceClsBPF, lock: lock}
-	spec, err := d.snatSpec()
+	spec, _, err := d.snatSpec() // maps only: no program, no relocation
 	if err != nil {
 		d.Close()
 		return nil, err

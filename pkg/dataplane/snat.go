@@ -14,6 +14,8 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+	"golang.org/x/sys/unix"
 )
 
 // Sizes compiled into bpf/snat.c (MAX_RULES in bpf/lib/maps.h).
@@ -208,13 +210,89 @@ func ntohs(p uint16) uint16 {
 	return binary.BigEndian.Uint16(b[:])
 }
 
-// snatSpec returns the snat collection spec with its maps pinned by name.
-func (d *Dataplane) snatSpec() (*ebpf.CollectionSpec, error) {
+// snatSpec returns the snat collection spec with its maps pinned by name,
+// and the kernel types to load it with (snatChecksumMode).
+func (d *Dataplane) snatSpec() (*ebpf.CollectionSpec, *btf.Spec, error) {
 	spec, err := loadSnat()
 	if err != nil {
-		return nil, fmt.Errorf("load snat spec: %w", err)
+		return nil, nil, fmt.Errorf("load snat spec: %w", err)
 	}
 	pinMaps(spec)
+	kt, err := snatChecksumMode(spec)
+	if err != nil {
+		return nil, nil, err
+	}
+	return spec, kt, nil
+}
+
+// snatVarCsumHelper is the snat program's switch to the L4 checksum helper.
+const snatVarCsumHelper = "snat_csum_helper"
+
+// snatChecksumMode chooses how spec (snat, or its tracing variant) updates
+// L4 checksums. The program writes them itself when it can read
+// skb->ip_summed (bpf/lib/csum.h): through the kernel's struct sk_buff,
+// which the verifier lets only CAP_PERFMON or CAP_SYS_ADMIN read; lbctl
+// needs only CAP_BPF and CAP_NET_ADMIN, so without either it sets
+// snat_csum_helper and the program uses bpf_l4_csum_replace, as before.
+// The read is a CO-RE relocation against the kernel's BTF: on a kernel
+// without BTF (which has no bpf_cast_to_kern_ctx either) the helper is
+// chosen too and the returned stub types (non-nil only then) satisfy the
+// relocations of the code the verifier then skips.
+func snatChecksumMode(spec *ebpf.CollectionSpec) (*btf.Spec, error) {
+	v, ok := spec.Variables[snatVarCsumHelper]
+	if !ok {
+		return nil, fmt.Errorf("snat object has no %s", snatVarCsumHelper)
+	}
+	var kt *btf.Spec
+	helper := !perfmonCapable()
+	if _, err := btf.LoadKernelSpec(); err != nil {
+		helper = true
+		if kt, err = stubSkbTypes(); err != nil {
+			return nil, err
+		}
+	}
+	if err := v.Set(boolU8(helper)); err != nil {
+		return nil, fmt.Errorf("set %s: %w", snatVarCsumHelper, err)
+	}
+	return kt, nil
+}
+
+func boolU8(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// perfmonCapable says whether this thread may read kernel structures from
+// BPF (the kernel's perfmon_capable(): CAP_PERFMON or CAP_SYS_ADMIN).
+func perfmonCapable() bool {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return false
+	}
+	has := func(c int) bool { return data[c/32].Effective&(1<<(uint(c)%32)) != 0 }
+	return has(unix.CAP_PERFMON) || has(unix.CAP_SYS_ADMIN)
+}
+
+// stubSkbTypes are kernel types with just the struct sk_buff fields the
+// snat program relocates against (bpf/lib/csum.h), for kernels without BTF.
+func stubSkbTypes() (*btf.Spec, error) {
+	u8 := &btf.Int{Name: "unsigned char", Size: 1}
+	u32 := &btf.Int{Name: "unsigned int", Size: 4}
+	skb := &btf.Struct{Name: "sk_buff", Size: 1, Members: []btf.Member{
+		{Name: "__pkt_type_offset", Type: &btf.Array{Index: u32, Type: u8, Nelems: 0}},
+		{Name: "ip_summed", Type: u8, BitfieldSize: 2},
+	}}
+	b, err := btf.NewBuilder([]btf.Type{skb}, nil)
+	if err != nil {
+		return nil, fmt.Errorf("stub kernel types: %w", err)
+	}
+	spec, err := b.Spec()
+	if err != nil {
+		return nil, fmt.Errorf("stub kernel types: %w", err)
+	}
 	return spec, nil
 }
 
@@ -225,12 +303,13 @@ func (d *Dataplane) AttachSNAT(ifname string) (Method, error) {
 	if _, err := lookupInterface(ifname); err != nil {
 		return "", fmt.Errorf("attach snat to %s: %w", ifname, err)
 	}
-	spec, err := d.snatSpec()
+	spec, kernelTypes, err := d.snatSpec()
 	if err != nil {
 		return "", err
 	}
 	var progs snatPrograms
 	opts := d.collectionOptions()
+	opts.Programs.KernelTypes = kernelTypes
 	opts.MapReplacements = map[string]*ebpf.Map{
 		snatMapSnatRules:      d.snat.SnatRules,
 		snatMapSnatHosts:      d.snat.SnatHosts,

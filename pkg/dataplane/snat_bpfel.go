@@ -95,6 +95,7 @@ const (
 	snatMapSnatRules      = "snat_rules"
 	snatProgSnatEgress    = "snat_egress"
 	snatVarSnatCounterBtf = "snat_counter_btf"
+	snatVarSnatCsumHelper = "snat_csum_helper"
 )
 
 // loadSnat returns the embedded CollectionSpec for snat.
@@ -160,6 +161,7 @@ type snatMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type snatVariableSpecs struct {
 	SnatCounterBtf *ebpf.VariableSpec `ebpf:"snat_counter_btf"`
+	SnatCsumHelper *ebpf.VariableSpec `ebpf:"snat_csum_helper"`
 }
 
 // snatObjects contains all objects after they have been loaded into the kernel.
@@ -208,6 +210,7 @@ func (m *snatMaps) Close() error {
 // It can be passed to loadSnatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type snatVariables struct {
 	SnatCounterBtf *ebpf.Variable `ebpf:"snat_counter_btf"`
+	SnatCsumHelper *ebpf.Variable `ebpf:"snat_csum_helper"`
 }
 
 // snatPrograms contains all programs after they have been loaded into the kernel.

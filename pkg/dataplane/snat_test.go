@@ -37,11 +37,37 @@ type testProg struct {
 	d    *Dataplane
 }
 
-func newTestProg(tb testing.TB) *testProg {
+func newTestProg(tb testing.TB) *testProg { return newTestProgCsum(tb, csumInline) }
+
+// How the program under test updates L4 checksums (snatChecksumMode).
+type csumMode string
+
+const (
+	csumInline = csumMode("inline") // written by the program (root has CAP_PERFMON)
+	csumHelper = csumMode("helper") // bpf_l4_csum_replace, as without CAP_PERFMON
+	csumNoBTF  = csumMode("no-btf") // helper, relocated against the stub kernel types
+)
+
+func newTestProgCsum(tb testing.TB, mode csumMode) *testProg {
 	tb.Helper()
 	testenv.RequireRoot(tb)
 	tp := &testProg{}
-	if err := loadSnatObjects(&tp.objs, nil); err != nil {
+	spec, err := loadSnat()
+	if err != nil {
+		tb.Fatalf("load snat spec: %v", err)
+	}
+	var opts ebpf.CollectionOptions
+	if mode != csumInline {
+		if err := spec.Variables[snatVarCsumHelper].Set(uint8(1)); err != nil {
+			tb.Fatalf("set %s: %v", snatVarCsumHelper, err)
+		}
+	}
+	if mode == csumNoBTF {
+		if opts.Programs.KernelTypes, err = stubSkbTypes(); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	if err := spec.LoadAndAssign(&tp.objs, &opts); err != nil {
 		tb.Fatalf("load snat: %v", err)
 	}
 	tb.Cleanup(func() { tp.objs.Close() })
@@ -252,11 +278,22 @@ func specialCases() []snatCase {
 	}
 }
 
+// TestSNATProgram runs every case with each way of updating the L4
+// checksum: written by the program (BPF_PROG_TEST_RUN's skbs are
+// CHECKSUM_NONE; TestSNATChecksumPartial covers CHECKSUM_PARTIAL), and
+// through bpf_l4_csum_replace as without CAP_PERFMON or kernel BTF. IPv4
+// options and IPv6 fragment headers take the helper in every mode.
 func TestSNATProgram(t *testing.T) {
+	for _, mode := range []csumMode{csumInline, csumHelper, csumNoBTF} {
+		t.Run(string(mode), func(t *testing.T) { testSNATProgram(t, mode) })
+	}
+}
+
+func testSNATProgram(t *testing.T, mode csumMode) {
 	cases := append(matrixCases(), specialCases()...)
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			tp := newTestProg(t)
+			tp := newTestProgCsum(t, mode)
 			tp.add(t, c.rules...)
 			in := append([]byte(nil), c.in...)
 			out := tp.run(t, in)
@@ -330,6 +367,12 @@ func TestSNATRulePrecedence(t *testing.T) {
 // source; the first by the rule (ports rewritten too), the later ones from
 // the fragment map; the reassembled datagram's checksum is valid.
 func TestSNATFragments(t *testing.T) {
+	for _, mode := range []csumMode{csumInline, csumHelper} {
+		t.Run(string(mode), func(t *testing.T) { testSNATFragments(t, mode) })
+	}
+}
+
+func testSNATFragments(t *testing.T, mode csumMode) {
 	payload := bytes.Repeat([]byte("0123456789abcdef"), 190) // 3040 bytes
 	for _, f := range []struct {
 		name     string
@@ -341,7 +384,7 @@ func TestSNATFragments(t *testing.T) {
 		{"v6", backend6, client6, net6, vip6},
 	} {
 		t.Run(f.name, func(t *testing.T) {
-			tp := newTestProg(t)
+			tp := newTestProgCsum(t, mode)
 			tp.add(t, SNATRule{Src: f.net, Proto: UDP, SPort: 53, To: f.vip, ToPort: 5353})
 			p := pkt{src: f.src, dst: f.dst, proto: UDP, payload: payload, id: 0xbeef}
 			in := p.fragments(1232)

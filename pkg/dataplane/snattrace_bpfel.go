@@ -125,6 +125,7 @@ const (
 	snatTraceMapTraceEvents      = "trace_events"
 	snatTraceProgSnatEgress      = "snat_egress"
 	snatTraceVarSnatCounterBtf   = "snat_counter_btf"
+	snatTraceVarSnatCsumHelper   = "snat_csum_helper"
 	snatTraceVarTraceAddr        = "trace_addr"
 	snatTraceVarTraceDecisionBtf = "trace_decision_btf"
 	snatTraceVarTraceEventBtf    = "trace_event_btf"
@@ -197,6 +198,7 @@ type snatTraceMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type snatTraceVariableSpecs struct {
 	SnatCounterBtf   *ebpf.VariableSpec `ebpf:"snat_counter_btf"`
+	SnatCsumHelper   *ebpf.VariableSpec `ebpf:"snat_csum_helper"`
 	TraceAddr        *ebpf.VariableSpec `ebpf:"trace_addr"`
 	TraceDecisionBtf *ebpf.VariableSpec `ebpf:"trace_decision_btf"`
 	TraceEventBtf    *ebpf.VariableSpec `ebpf:"trace_event_btf"`
@@ -253,6 +255,7 @@ func (m *snatTraceMaps) Close() error {
 // It can be passed to loadSnatTraceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type snatTraceVariables struct {
 	SnatCounterBtf   *ebpf.Variable `ebpf:"snat_counter_btf"`
+	SnatCsumHelper   *ebpf.Variable `ebpf:"snat_csum_helper"`
 	TraceAddr        *ebpf.Variable `ebpf:"trace_addr"`
 	TraceDecisionBtf *ebpf.Variable `ebpf:"trace_decision_btf"`
 	TraceEventBtf    *ebpf.Variable `ebpf:"trace_event_btf"`

@@ -278,8 +278,13 @@ func (d *Dataplane) loadSnatTrace(f TraceFilter, events *ebpf.Map) (*ebpf.Progra
 	if err := setTraceFilter(spec, f); err != nil {
 		return nil, err
 	}
+	kernelTypes, err := snatChecksumMode(spec)
+	if err != nil {
+		return nil, err
+	}
 	var progs snatTracePrograms
 	opts := &ebpf.CollectionOptions{MapReplacements: mapsByName(&d.snat, events)}
+	opts.Programs.KernelTypes = kernelTypes
 	if err := spec.LoadAndAssign(&progs, opts); err != nil {
 		return nil, loadErr("load snat trace program", d.dir, err)
 	}
