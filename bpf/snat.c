@@ -35,6 +35,19 @@ struct {
 	__type(value, struct snat_value);
 } snat_hosts SEC(".maps");
 
+/* The IPv4 host rules (/32) once more, with a key of 8 bytes instead of
+ * 24: the hash the lookup computes over the key is most of its cost.
+ * snat_hosts keeps the IPv4 host rules too, for programs of an older lbctl
+ * still attached; this program reads it for IPv6 only. Used only when
+ * snat_rule_counts says SNAT_KEPT_HOSTS4 (kept in step). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_RULES);
+	__type(key, struct snat_host4_key);
+	__type(value, struct snat_value);
+} snat_hosts4 SEC(".maps");
+
 /* Rule counts by kind (one slot), kept by user space under the state's
  * lock, so that the program skips lookups that cannot match. Without kept
  * (state from an lbctl that kept no counts) snat_hosts is skipped and
@@ -70,6 +83,10 @@ struct {
 	__type(key, struct snat_frag_key);
 	__type(value, struct snat_frag_value);
 } snat_frags SEC(".maps");
+
+/* 1: the L4 checksum always through bpf_l4_csum_replace, as on a kernel
+ * without bpf_cast_to_kern_ctx (set by the tests of that path). */
+volatile const __u8 snat_csum_helper = 0;
 
 /* Puts enum snat_counter into the BTF (array keys must be plain __u32), so
  * that bpf2go mirrors it in Go. Never read. */
@@ -108,6 +125,16 @@ static __always_inline struct snat_value *rule_lookup(const struct pkt *p, __be1
 
 static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be16 sport)
 {
+	if (p->family == SNAT_FAMILY_V4) {
+		struct snat_host4_key k4 = {
+			.sport = sport,
+			.proto = p->proto,
+		};
+
+		__builtin_memcpy(&k4.addr, p->saddr, sizeof(k4.addr));
+		return bpf_map_lookup_elem(&snat_hosts4, &k4);
+	}
+
 	struct snat_key key = {
 		.family = p->family,
 		.proto = p->proto,
@@ -120,7 +147,8 @@ static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be1
 
 /* rule_match returns the rule for p: the longest source prefix among the
  * rules for p's source port and the any-port rules; on equal prefixes the
- * rule naming the port wins. Host rules first (snat_hosts): a host rule for
+ * rule naming the port wins. Host rules first (snat_hosts4 for IPv4,
+ * snat_hosts for IPv6): a host rule for
  * the port cannot be beaten, and an any-port host rule only by that one.
  * The trie is walked only for the kinds of prefix rule that exist. */
 static __always_inline struct snat_value *rule_match(const struct pkt *p)
@@ -129,7 +157,9 @@ static __always_inline struct snat_value *rule_match(const struct pkt *p)
 	__u32 zero = 0, port_prefixes = 1, any_prefixes = 1;
 	struct snat_kind_counts *n = bpf_map_lookup_elem(&snat_rule_counts, &zero);
 
-	if (n && n->kept) {
+	/* IPv4 host rules are in snat_hosts4 only if this lbctl keeps the
+	 * counts; else the trie (always complete) decides. */
+	if (n && (n->kept == SNAT_KEPT_HOSTS4 || (n->kept && p->family == SNAT_FAMILY_V6))) {
 		if (p->sport && n->port_hosts) {
 			exact = host_lookup(p, p->sport);
 			if (exact)
@@ -140,7 +170,7 @@ static __always_inline struct snat_value *rule_match(const struct pkt *p)
 			if (any)
 				return any;
 		}
-		/* Every host rule is in snat_hosts: the trie can only add prefix rules. */
+		/* Every host rule of p's family is in the host tables: the trie can only add prefix rules. */
 		port_prefixes = n->port_prefixes;
 		any_prefixes = n->any_prefixes;
 	}
@@ -180,6 +210,75 @@ static __always_inline int set_saddr(struct __sk_buff *skb, const struct pkt *p,
 	return set_saddr6(skb, p, to);
 }
 
+/* frag_remember records the source the first fragment p got (to, by rule
+ * rule_id) for the later fragments of its datagram. */
+static __always_inline void frag_remember(const struct pkt *p, const __u8 *to, __u32 rule_id)
+{
+	struct snat_frag_key fk = {};
+	struct snat_frag_value fv = {};
+
+	frag_key(p, &fk);
+	__builtin_memcpy(fv.addr, to, sizeof(fv.addr));
+	fv.rule_id = rule_id;
+	bpf_map_update_elem(&snat_frags, &fk, &fv, BPF_ANY);
+}
+
+/* snat_later_fragment handles a fragment without the L4 header: it gets
+ * the source the first fragment got, else an any-port rule's. A function
+ * of its own (rare packets: the call costs nothing that matters): inlined,
+ * clang merged its IPv4 and IPv6 address writes into one packet pointer
+ * plus a register offset, which the verifier refuses without CAP_PERFMON. */
+static __noinline int snat_later_fragment(struct __sk_buff *skb, const struct pkt *p, __u32 len)
+{
+	struct snat_frag_key fk = {};
+	struct snat_frag_value fv = {};
+
+	frag_key(p, &fk);
+	struct snat_frag_value *seen = bpf_map_lookup_elem(&snat_frags, &fk);
+
+	if (seen) {
+		fv = *seen;
+	} else {
+		struct snat_value *r = rule_lookup(p, 0);
+
+		if (!r) {
+			count(SNAT_NO_MATCH);
+			TRACE_SNAT(skb, p, TRACE_NO_RULE, NULL, 0);
+			return TC_ACT_UNSPEC;
+		}
+		__builtin_memcpy(fv.addr, r->addr, sizeof(fv.addr));
+		fv.rule_id = r->rule_id;
+	}
+	if (set_saddr(skb, p, fv.addr)) {
+		count(SNAT_ERRORS);
+		TRACE_SNAT(skb, p, TRACE_ERROR, fv.addr, 0);
+		return TC_ACT_UNSPEC;
+	}
+	count(SNAT_REWRITTEN);
+	count(SNAT_FRAGMENTS);
+	TRACE_SNAT(skb, p, TRACE_REWRITTEN, fv.addr, 0);
+	count_rule(fv.rule_id, len);
+	return TC_ACT_UNSPEC;
+}
+
+/* csum_inline returns skb->ip_summed if p's rewrite can skip
+ * bpf_l4_csum_replace (csum.h), -1 if not: the L4 header must be at a
+ * constant offset (no IPv4 options, no IPv6 fragment header) and ip_summed
+ * one the program follows (not CHECKSUM_COMPLETE, not unknown). */
+static __always_inline int csum_inline(struct __sk_buff *skb, const struct pkt *p)
+{
+	if (snat_csum_helper)
+		return -1;
+	if (p->l4_off != ETH_HLEN + (p->family == SNAT_FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr)))
+		return -1;
+	int summed = skb_ip_summed(skb);
+
+	if (summed == LBCTL_CHECKSUM_NONE || summed == LBCTL_CHECKSUM_UNNECESSARY ||
+	    summed == LBCTL_CHECKSUM_PARTIAL)
+		return summed;
+	return -1;
+}
+
 /* Attached at TC egress (tcx, or clsact + cls_bpf direct action) of the
  * interfaces replies leave by. Decides whether a reply's source address and
  * port are rewritten by an SNAT rule (DSR router/origin NAT); every packet
@@ -188,46 +287,18 @@ SEC("tc")
 int snat_egress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	struct snat_frag_key fk = {};
-	struct snat_frag_value fv = {};
 	__u32 len = skb->len;
 
-	count(SNAT_SEEN);
+	/* SNAT_SEEN is not counted here: every packet ends in exactly one of
+	 * rewritten, no_match, not_parsed, errors, and lbctl sums those (one
+	 * per-CPU counter update fewer per packet). */
 	if (parse_l3l4(skb, &p) < 0) {
 		count(SNAT_NOT_PARSED);
 		TRACE_SNAT(skb, &p, TRACE_NOT_PARSED, NULL, 0);
 		return TC_ACT_UNSPEC;
 	}
-
-	if (p.frag == FRAG_LATER) {
-		/* No ports: the source the first fragment got, else an any-port rule. */
-		frag_key(&p, &fk);
-		struct snat_frag_value *seen = bpf_map_lookup_elem(&snat_frags, &fk);
-
-		if (seen) {
-			fv = *seen;
-		} else {
-			struct snat_value *r = rule_lookup(&p, 0);
-
-			if (!r) {
-				count(SNAT_NO_MATCH);
-				TRACE_SNAT(skb, &p, TRACE_NO_RULE, NULL, 0);
-				return TC_ACT_UNSPEC;
-			}
-			__builtin_memcpy(fv.addr, r->addr, sizeof(fv.addr));
-			fv.rule_id = r->rule_id;
-		}
-		if (set_saddr(skb, &p, fv.addr)) {
-			count(SNAT_ERRORS);
-			TRACE_SNAT(skb, &p, TRACE_ERROR, fv.addr, 0);
-			return TC_ACT_UNSPEC;
-		}
-		count(SNAT_REWRITTEN);
-		count(SNAT_FRAGMENTS);
-		TRACE_SNAT(skb, &p, TRACE_REWRITTEN, fv.addr, 0);
-		count_rule(fv.rule_id, len);
-		return TC_ACT_UNSPEC;
-	}
+	if (p.frag == FRAG_LATER)
+		return snat_later_fragment(skb, &p, len);
 
 	struct snat_value *r = rule_match(&p);
 
@@ -236,27 +307,33 @@ int snat_egress(struct __sk_buff *skb)
 		TRACE_SNAT(skb, &p, TRACE_NO_RULE, NULL, 0);
 		return TC_ACT_UNSPEC;
 	}
-	__builtin_memcpy(fv.addr, r->addr, sizeof(fv.addr));
-	fv.rule_id = r->rule_id;
+	/* r points into the map (stays valid through the helpers below,
+	 * which invalidate packet pointers only). */
+	const __u8 *to = r->addr;
 	__be16 to_port = r->port;
+	__u32 rule_id = r->rule_id;
 
-	if (p.frag == FRAG_FIRST) {
-		frag_key(&p, &fk);
-		bpf_map_update_elem(&snat_frags, &fk, &fv, BPF_ANY);
-	}
+	if (p.frag == FRAG_FIRST)
+		frag_remember(&p, to, rule_id);
+	int summed = csum_inline(skb, &p);
+
+	/* rewrite_inline fails only before writing anything: the helpers then. */
+	if (summed >= 0 && !rewrite_inline(skb, &p, to, to_port, summed))
+		goto rewritten;
 	/* Port first: set_sport reads p.sport, set_saddr p.saddr, both unchanged. */
 	if (to_port && to_port != p.sport && set_sport(skb, &p, to_port)) {
 		count(SNAT_ERRORS);
-		TRACE_SNAT(skb, &p, TRACE_ERROR, fv.addr, to_port);
+		TRACE_SNAT(skb, &p, TRACE_ERROR, to, to_port);
 		return TC_ACT_UNSPEC;
 	}
-	if (set_saddr(skb, &p, fv.addr)) {
+	if (set_saddr(skb, &p, to)) {
 		count(SNAT_ERRORS);
-		TRACE_SNAT(skb, &p, TRACE_ERROR, fv.addr, to_port);
+		TRACE_SNAT(skb, &p, TRACE_ERROR, to, to_port);
 		return TC_ACT_UNSPEC;
 	}
+rewritten:
 	count(SNAT_REWRITTEN);
-	TRACE_SNAT(skb, &p, TRACE_REWRITTEN, fv.addr, to_port);
-	count_rule(fv.rule_id, len);
+	TRACE_SNAT(skb, &p, TRACE_REWRITTEN, to, to_port);
+	count_rule(rule_id, len);
 	return TC_ACT_UNSPEC;
 }

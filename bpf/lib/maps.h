@@ -64,6 +64,25 @@ struct snat_frag_value {
 	__u32 rule_id;
 };
 
+/* Key of snat_hosts4: an IPv4 host rule (/32), 8 bytes so that the hash
+ * the kernel computes over the key on every lookup (jhash) is one final
+ * mix instead of the three rounds a struct snat_key (24 bytes) takes. */
+struct snat_host4_key {
+	__be32 addr;	/* source address */
+	__be16 sport;	/* source port to match; 0 = any */
+	__u8 proto;	/* IPPROTO_UDP or IPPROTO_TCP */
+	__u8 pad;	/* 0 */
+};
+
+/* Values of snat_kind_counts.kept. An lbctl that keeps the counts and
+ * snat_hosts (both families) writes SNAT_KEPT_HOSTS; this lbctl also
+ * keeps snat_hosts4 and writes SNAT_KEPT_HOSTS4. A program that reads
+ * SNAT_KEPT_HOSTS looks IPv4 host rules up in the trie (snat_hosts4 may be
+ * stale), programs of either kind treat any non-zero value as "counts
+ * exact, snat_hosts complete", which both lbctls keep true. */
+#define SNAT_KEPT_HOSTS 1
+#define SNAT_KEPT_HOSTS4 2
+
 /* Value of snat_rule_counts (one slot): how many rules of each kind exist,
  * so that snat skips lookups that cannot match. Kept by user space; kept is
  * 0 in state pinned by an lbctl that kept no counts, and then the program
@@ -73,7 +92,7 @@ struct snat_kind_counts {
 	__u32 any_hosts;	/* host rules for any port */
 	__u32 port_prefixes;	/* the other rules naming a source port (only in snat_rules) */
 	__u32 any_prefixes;	/* the other rules for any port (only in snat_rules) */
-	__u32 kept;		/* 1: the counts above are exact */
+	__u32 kept;		/* SNAT_KEPT_*: the counts above are exact */
 };
 
 /* Value of snat_rule_stats, one slot per rule id, per CPU. */
@@ -85,7 +104,7 @@ struct rule_stats {
 /* Indices of snat_counters (per CPU). Stable: never renumber, only append.
  * seen = rewritten + no_match + not_parsed + errors. */
 enum snat_counter {
-	SNAT_SEEN = 0,		/* packets the program ran on */
+	SNAT_SEEN = 0,		/* packets the program ran on: not counted in BPF (older programs did), user space sums the next four */
 	SNAT_REWRITTEN = 1,	/* source rewritten (fragments included) */
 	SNAT_NO_MATCH = 2,	/* IPv4/IPv6 UDP/TCP, no rule matched: passed unchanged */
 	SNAT_NOT_PARSED = 3,	/* not IP, not UDP/TCP, truncated, unfollowed header: passed unchanged */

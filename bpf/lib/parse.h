@@ -60,8 +60,10 @@ struct pkt {
 	__be16 sport;		/* 0 for FRAG_LATER */
 	__be16 dport;		/* 0 for FRAG_LATER */
 	__be16 l4_check;	/* L4 checksum field as found; 0 for FRAG_LATER */
-	__u8 saddr[16];		/* IPv4: first 4 bytes */
-	__u8 daddr[16];
+	__u16 pad2;
+	/* 4-byte aligned: copied in and out (keys) by 32-bit words, not 16. */
+	__u8 saddr[16] __attribute__((aligned(4)));	/* IPv4: first 4 bytes */
+	__u8 daddr[16] __attribute__((aligned(4)));
 };
 
 /* Packet pointers only move by constants here: a variable offset (IPv4

@@ -78,3 +78,45 @@ func TestLoaderMinimalCapabilities(t *testing.T) {
 	}()
 	<-done
 }
+
+// TestSNATChecksumMode: the program writes L4 checksums itself only when
+// the loader may read kernel structures (CAP_PERFMON or CAP_SYS_ADMIN);
+// with CAP_BPF and CAP_NET_ADMIN alone it keeps bpf_l4_csum_replace
+// (TestLoaderMinimalCapabilities loads that program).
+func TestSNATChecksumMode(t *testing.T) {
+	testenv.RequireRoot(t)
+	// helper reports errors with t.Error: it also runs off the test goroutine.
+	helper := func() uint8 {
+		t.Helper()
+		spec, err := loadSnat()
+		if err != nil {
+			t.Error(err)
+			return 255
+		}
+		if _, err := snatChecksumMode(spec); err != nil {
+			t.Error(err)
+			return 255
+		}
+		var v uint8
+		if err := spec.Variables[snatVarCsumHelper].Get(&v); err != nil {
+			t.Error(err)
+			return 255
+		}
+		return v
+	}
+	if got := helper(); got != 0 {
+		t.Errorf("as root: %s = %d, want 0 (inline checksums)", snatVarCsumHelper, got)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread() // the thread ends with the goroutine: its capabilities go with it
+		if !keepOnlyCaps(t, unix.CAP_BPF, unix.CAP_NET_ADMIN) {
+			return
+		}
+		if got := helper(); got != 1 {
+			t.Errorf("with CAP_BPF+CAP_NET_ADMIN: %s = %d, want 1 (helper)", snatVarCsumHelper, got)
+		}
+	}()
+	<-done
+}

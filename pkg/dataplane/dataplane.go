@@ -139,7 +139,7 @@ func Open(opts Options) (*Dataplane, error) {
 		}
 	}
 	d := &Dataplane{log: opts.Log, dir: dir, cls: opts.ClsBPF, forceCls: opts.ForceClsBPF, lock: lock}
-	spec, err := d.snatSpec()
+	spec, _, err := d.snatSpec() // maps only: no program, no relocation
 	if err != nil {
 		d.Close()
 		return nil, err
@@ -452,6 +452,6 @@ func (d *Dataplane) removeIfUnused() error {
 
 // maps lists every pinned map of every program.
 func (d *Dataplane) maps() []*ebpf.Map {
-	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
+	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatHosts4, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
 		d.steer.SteerUpstreams, d.steer.SteerCounters, d.steer.SteerFrags}
 }

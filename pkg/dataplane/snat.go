@@ -1,8 +1,11 @@
 package dataplane
 
 // The snat object; Go types come from the C structs in bpf/lib/maps.h.
-// `make generate` reruns this and CI diffs the result.
-//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_kind_counts -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
+// `make generate` reruns this and CI diffs the result. -mcpu=v3 (32-bit
+// subregisters and jumps, Linux 5.1+; bpf2go defaults to v1) saves the
+// zero-extending shifts v1 code spends on every 32-bit value: about 1 ns
+// per packet on the hit path (docs/dataplane.md, Performance).
+//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_host4_key -type snat_kind_counts -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -mcpu=v3 -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
 
 import (
 	"encoding/binary"
@@ -14,6 +17,8 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+	"golang.org/x/sys/unix"
 )
 
 // Sizes compiled into bpf/snat.c (MAX_RULES in bpf/lib/maps.h).
@@ -23,6 +28,9 @@ const (
 	familyV4     = 4
 	familyV6     = 6
 	keyFixedBits = 32 // SNAT_KEY_FIXED_BITS
+	// snatKeptHosts4 is SNAT_KEPT_HOSTS4: the rule counts are exact and
+	// snat_hosts and snat_hosts4 hold every host rule.
+	snatKeptHosts4 = 2
 )
 
 var snatProg = tcProg{name: "snat", egress: true}
@@ -168,6 +176,16 @@ func hostKey(k snatSnatKey) (snatSnatKey, bool) {
 	return k, host
 }
 
+// host4Key returns the snat_hosts4 key of hk (a hostKey) if it is an IPv4
+// host rule.
+func host4Key(hk snatSnatKey) (snatSnatHost4Key, bool) {
+	if hk.Family != familyV4 {
+		return snatSnatHost4Key{}, false
+	}
+	// Addr is the 4 address bytes in network order, as the program reads them.
+	return snatSnatHost4Key{Addr: binary.NativeEndian.Uint32(hk.Addr[:4]), Sport: hk.Sport, Proto: hk.Proto}, true
+}
+
 func ruleFromKV(k snatSnatKey, v snatSnatValue) SNATRule {
 	r := SNATRule{Proto: Proto(k.Proto), SPort: ntohs(k.Sport), ToPort: ntohs(v.Port)}
 	bits := int(k.Prefixlen) - keyFixedBits
@@ -195,13 +213,89 @@ func ntohs(p uint16) uint16 {
 	return binary.BigEndian.Uint16(b[:])
 }
 
-// snatSpec returns the snat collection spec with its maps pinned by name.
-func (d *Dataplane) snatSpec() (*ebpf.CollectionSpec, error) {
+// snatSpec returns the snat collection spec with its maps pinned by name,
+// and the kernel types to load it with (snatChecksumMode).
+func (d *Dataplane) snatSpec() (*ebpf.CollectionSpec, *btf.Spec, error) {
 	spec, err := loadSnat()
 	if err != nil {
-		return nil, fmt.Errorf("load snat spec: %w", err)
+		return nil, nil, fmt.Errorf("load snat spec: %w", err)
 	}
 	pinMaps(spec)
+	kt, err := snatChecksumMode(spec)
+	if err != nil {
+		return nil, nil, err
+	}
+	return spec, kt, nil
+}
+
+// snatVarCsumHelper is the snat program's switch to the L4 checksum helper.
+const snatVarCsumHelper = "snat_csum_helper"
+
+// snatChecksumMode chooses how spec (snat, or its tracing variant) updates
+// L4 checksums. The program writes them itself when it can read
+// skb->ip_summed (bpf/lib/csum.h): through the kernel's struct sk_buff,
+// which the verifier lets only CAP_PERFMON or CAP_SYS_ADMIN read; lbctl
+// needs only CAP_BPF and CAP_NET_ADMIN, so without either it sets
+// snat_csum_helper and the program uses bpf_l4_csum_replace, as before.
+// The read is a CO-RE relocation against the kernel's BTF: on a kernel
+// without BTF (which has no bpf_cast_to_kern_ctx either) the helper is
+// chosen too and the returned stub types (non-nil only then) satisfy the
+// relocations of the code the verifier then skips.
+func snatChecksumMode(spec *ebpf.CollectionSpec) (*btf.Spec, error) {
+	v, ok := spec.Variables[snatVarCsumHelper]
+	if !ok {
+		return nil, fmt.Errorf("snat object has no %s", snatVarCsumHelper)
+	}
+	var kt *btf.Spec
+	helper := !perfmonCapable()
+	if _, err := btf.LoadKernelSpec(); err != nil {
+		helper = true
+		if kt, err = stubSkbTypes(); err != nil {
+			return nil, err
+		}
+	}
+	if err := v.Set(boolU8(helper)); err != nil {
+		return nil, fmt.Errorf("set %s: %w", snatVarCsumHelper, err)
+	}
+	return kt, nil
+}
+
+func boolU8(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// perfmonCapable says whether this thread may read kernel structures from
+// BPF (the kernel's perfmon_capable(): CAP_PERFMON or CAP_SYS_ADMIN).
+func perfmonCapable() bool {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return false
+	}
+	has := func(c int) bool { return data[c/32].Effective&(1<<(uint(c)%32)) != 0 }
+	return has(unix.CAP_PERFMON) || has(unix.CAP_SYS_ADMIN)
+}
+
+// stubSkbTypes are kernel types with just the struct sk_buff fields the
+// snat program relocates against (bpf/lib/csum.h), for kernels without BTF.
+func stubSkbTypes() (*btf.Spec, error) {
+	u8 := &btf.Int{Name: "unsigned char", Size: 1}
+	u32 := &btf.Int{Name: "unsigned int", Size: 4}
+	skb := &btf.Struct{Name: "sk_buff", Size: 1, Members: []btf.Member{
+		{Name: "__pkt_type_offset", Type: &btf.Array{Index: u32, Type: u8, Nelems: 0}},
+		{Name: "ip_summed", Type: u8, BitfieldSize: 2},
+	}}
+	b, err := btf.NewBuilder([]btf.Type{skb}, nil)
+	if err != nil {
+		return nil, fmt.Errorf("stub kernel types: %w", err)
+	}
+	spec, err := b.Spec()
+	if err != nil {
+		return nil, fmt.Errorf("stub kernel types: %w", err)
+	}
 	return spec, nil
 }
 
@@ -212,15 +306,17 @@ func (d *Dataplane) AttachSNAT(ifname string) (Method, error) {
 	if _, err := lookupInterface(ifname); err != nil {
 		return "", fmt.Errorf("attach snat to %s: %w", ifname, err)
 	}
-	spec, err := d.snatSpec()
+	spec, kernelTypes, err := d.snatSpec()
 	if err != nil {
 		return "", err
 	}
 	var progs snatPrograms
 	opts := d.collectionOptions()
+	opts.Programs.KernelTypes = kernelTypes
 	opts.MapReplacements = map[string]*ebpf.Map{
 		snatMapSnatRules:      d.snat.SnatRules,
 		snatMapSnatHosts:      d.snat.SnatHosts,
+		snatMapSnatHosts4:     d.snat.SnatHosts4,
 		snatMapSnatRuleCounts: d.snat.SnatRuleCounts,
 		snatMapSnatRuleStats:  d.snat.SnatRuleStats,
 		snatMapSnatCounters:   d.snat.SnatCounters,
@@ -278,10 +374,11 @@ func (d *Dataplane) AddSNAT(rule SNATRule) error {
 		return fmt.Errorf("add snat rule %s: %w", rule, privHint(err))
 	}
 	if hk, ok := hostKey(key); ok {
-		if err := d.snat.SnatHosts.Update(&hk, &val, ebpf.UpdateAny); err != nil {
+		if err := d.putHost(hk, val); err != nil {
+			_ = d.delHost(hk)
 			_ = d.snat.SnatRules.Delete(&key)
 			ids.free(id)
-			return fmt.Errorf("add snat rule %s: host rule table: %w", rule, privHint(err))
+			return fmt.Errorf("add snat rule %s: %w", rule, err)
 		}
 	}
 	c := d.ruleCounts
@@ -312,8 +409,8 @@ func (d *Dataplane) DelSNAT(rule SNATRule) (err error) {
 		return fmt.Errorf("delete snat rule %s: %w (see lbctl snat list)", rule, ErrRuleNotFound)
 	}
 	if hk, ok := hostKey(key); ok {
-		if err := d.snat.SnatHosts.Delete(&hk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete snat rule %s: host rule table: %w", rule, privHint(err))
+		if err := d.delHost(hk); err != nil {
+			return fmt.Errorf("delete snat rule %s: %w", rule, err)
 		}
 	}
 	c := d.ruleCounts
@@ -415,47 +512,92 @@ func (d *Dataplane) ids() (*idAlloc, error) {
 	return a, nil
 }
 
-// syncHosts makes snat_hosts hold exactly the host rules of snat_rules and
-// snat_host_count their number. State pinned by an lbctl without
-// snat_hosts lacks them there (its programs never looked there); this
-// program looks there first, so an any-port host rule there must not hide
-// a port host rule only in the trie.
+// putHost enters the host rule hk (a hostKey) into snat_hosts and, for
+// IPv4, snat_hosts4.
+func (d *Dataplane) putHost(hk snatSnatKey, v snatSnatValue) error {
+	if err := d.snat.SnatHosts.Update(&hk, &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("host rule table snat_hosts: %w", privHint(err))
+	}
+	if k4, ok := host4Key(hk); ok {
+		if err := d.snat.SnatHosts4.Update(&k4, &v, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("host rule table snat_hosts4: %w", privHint(err))
+		}
+	}
+	return nil
+}
+
+// delHost removes the host rule hk (a hostKey) from snat_hosts and
+// snat_hosts4; an absent entry is no error.
+func (d *Dataplane) delHost(hk snatSnatKey) error {
+	if err := d.snat.SnatHosts.Delete(&hk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("host rule table snat_hosts: %w", privHint(err))
+	}
+	if k4, ok := host4Key(hk); ok {
+		if err := d.snat.SnatHosts4.Delete(&k4); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("host rule table snat_hosts4: %w", privHint(err))
+		}
+	}
+	return nil
+}
+
+// syncHosts makes snat_hosts and snat_hosts4 hold exactly the host rules
+// of snat_rules and snat_rule_counts their numbers. State pinned by an
+// older lbctl lacks them there or holds stale ones (its programs never
+// looked there, or an older lbctl changed rules since); this program looks
+// there first, so an any-port host rule there must not hide a port host
+// rule only in the trie.
 func (d *Dataplane) syncHosts() error {
 	var (
-		k snatSnatKey
-		v snatSnatValue
-		c snatSnatKindCounts
+		k  snatSnatKey
+		k4 snatSnatHost4Key
+		v  snatSnatValue
+		c  snatSnatKindCounts
 	)
 	inTrie := map[snatSnatKey]bool{}
+	in4 := map[snatSnatHost4Key]bool{}
 	it := d.snat.SnatRules.Iterate()
 	for it.Next(&k, &v) {
 		if hk, ok := hostKey(k); ok {
-			if err := d.snat.SnatHosts.Update(&hk, &v, ebpf.UpdateAny); err != nil {
-				return fmt.Errorf("copy host rules into snat_hosts: %w", privHint(err))
+			if err := d.putHost(hk, v); err != nil {
+				return fmt.Errorf("copy host rules: %w", err)
 			}
 			inTrie[hk] = true
+			if k4, ok := host4Key(hk); ok {
+				in4[k4] = true
+			}
 		}
 		*c.of(k) += 1
 	}
 	if err := it.Err(); err != nil {
-		return fmt.Errorf("copy host rules into snat_hosts: %w", privHint(err))
+		return fmt.Errorf("copy host rules: %w", privHint(err))
 	}
-	var stale []snatSnatKey
-	it = d.snat.SnatHosts.Iterate()
-	for it.Next(&k, &v) {
-		if !inTrie[k] {
-			stale = append(stale, k)
+	if err := deleteStale(d.snat.SnatHosts, &k, &v, inTrie); err != nil {
+		return err
+	}
+	if err := deleteStale(d.snat.SnatHosts4, &k4, &v, in4); err != nil {
+		return err
+	}
+	return d.setRuleCounts(c)
+}
+
+// deleteStale deletes from the host rule table m every key not in keep.
+func deleteStale[K comparable](m *ebpf.Map, k *K, v *snatSnatValue, keep map[K]bool) error {
+	var stale []K
+	it := m.Iterate()
+	for it.Next(k, v) {
+		if !keep[*k] {
+			stale = append(stale, *k)
 		}
 	}
 	if err := it.Err(); err != nil {
-		return fmt.Errorf("list snat_hosts: %w", privHint(err))
+		return fmt.Errorf("list host rule table: %w", privHint(err))
 	}
-	for _, k := range stale {
-		if err := d.snat.SnatHosts.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("remove stale host rule from snat_hosts: %w", privHint(err))
+	for _, sk := range stale {
+		if err := m.Delete(&sk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("remove stale host rule: %w", privHint(err))
 		}
 	}
-	return d.setRuleCounts(c)
+	return nil
 }
 
 // of returns the count of the kind of rule k (in snat_rules) is.
@@ -475,7 +617,7 @@ func (c *snatSnatKindCounts) of(k snatSnatKey) *uint32 {
 // setRuleCounts stores the numbers of rules of each kind, which the program
 // reads to skip lookups that cannot match.
 func (d *Dataplane) setRuleCounts(c snatSnatKindCounts) error {
-	c.Kept = 1
+	c.Kept = snatKeptHosts4
 	if err := d.snat.SnatRuleCounts.Update(uint32(0), c, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("store the rule counts: %w", privHint(err))
 	}

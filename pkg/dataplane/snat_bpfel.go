@@ -47,6 +47,14 @@ type snatSnatFragValue struct {
 	RuleId uint32
 }
 
+type snatSnatHost4Key struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Sport uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type snatSnatKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -81,11 +89,13 @@ const (
 	snatMapSnatCounters   = "snat_counters"
 	snatMapSnatFrags      = "snat_frags"
 	snatMapSnatHosts      = "snat_hosts"
+	snatMapSnatHosts4     = "snat_hosts4"
 	snatMapSnatRuleCounts = "snat_rule_counts"
 	snatMapSnatRuleStats  = "snat_rule_stats"
 	snatMapSnatRules      = "snat_rules"
 	snatProgSnatEgress    = "snat_egress"
 	snatVarSnatCounterBtf = "snat_counter_btf"
+	snatVarSnatCsumHelper = "snat_csum_helper"
 )
 
 // loadSnat returns the embedded CollectionSpec for snat.
@@ -140,6 +150,7 @@ type snatMapSpecs struct {
 	SnatCounters   *ebpf.MapSpec `ebpf:"snat_counters"`
 	SnatFrags      *ebpf.MapSpec `ebpf:"snat_frags"`
 	SnatHosts      *ebpf.MapSpec `ebpf:"snat_hosts"`
+	SnatHosts4     *ebpf.MapSpec `ebpf:"snat_hosts4"`
 	SnatRuleCounts *ebpf.MapSpec `ebpf:"snat_rule_counts"`
 	SnatRuleStats  *ebpf.MapSpec `ebpf:"snat_rule_stats"`
 	SnatRules      *ebpf.MapSpec `ebpf:"snat_rules"`
@@ -150,6 +161,7 @@ type snatMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type snatVariableSpecs struct {
 	SnatCounterBtf *ebpf.VariableSpec `ebpf:"snat_counter_btf"`
+	SnatCsumHelper *ebpf.VariableSpec `ebpf:"snat_csum_helper"`
 }
 
 // snatObjects contains all objects after they have been loaded into the kernel.
@@ -175,6 +187,7 @@ type snatMaps struct {
 	SnatCounters   *ebpf.Map `ebpf:"snat_counters"`
 	SnatFrags      *ebpf.Map `ebpf:"snat_frags"`
 	SnatHosts      *ebpf.Map `ebpf:"snat_hosts"`
+	SnatHosts4     *ebpf.Map `ebpf:"snat_hosts4"`
 	SnatRuleCounts *ebpf.Map `ebpf:"snat_rule_counts"`
 	SnatRuleStats  *ebpf.Map `ebpf:"snat_rule_stats"`
 	SnatRules      *ebpf.Map `ebpf:"snat_rules"`
@@ -185,6 +198,7 @@ func (m *snatMaps) Close() error {
 		m.SnatCounters,
 		m.SnatFrags,
 		m.SnatHosts,
+		m.SnatHosts4,
 		m.SnatRuleCounts,
 		m.SnatRuleStats,
 		m.SnatRules,
@@ -196,6 +210,7 @@ func (m *snatMaps) Close() error {
 // It can be passed to loadSnatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type snatVariables struct {
 	SnatCounterBtf *ebpf.Variable `ebpf:"snat_counter_btf"`
+	SnatCsumHelper *ebpf.Variable `ebpf:"snat_csum_helper"`
 }
 
 // snatPrograms contains all programs after they have been loaded into the kernel.

@@ -37,11 +37,37 @@ type testProg struct {
 	d    *Dataplane
 }
 
-func newTestProg(tb testing.TB) *testProg {
+func newTestProg(tb testing.TB) *testProg { return newTestProgCsum(tb, csumInline) }
+
+// How the program under test updates L4 checksums (snatChecksumMode).
+type csumMode string
+
+const (
+	csumInline = csumMode("inline") // written by the program (root has CAP_PERFMON)
+	csumHelper = csumMode("helper") // bpf_l4_csum_replace, as without CAP_PERFMON
+	csumNoBTF  = csumMode("no-btf") // helper, relocated against the stub kernel types
+)
+
+func newTestProgCsum(tb testing.TB, mode csumMode) *testProg {
 	tb.Helper()
 	testenv.RequireRoot(tb)
 	tp := &testProg{}
-	if err := loadSnatObjects(&tp.objs, nil); err != nil {
+	spec, err := loadSnat()
+	if err != nil {
+		tb.Fatalf("load snat spec: %v", err)
+	}
+	var opts ebpf.CollectionOptions
+	if mode != csumInline {
+		if err := spec.Variables[snatVarCsumHelper].Set(uint8(1)); err != nil {
+			tb.Fatalf("set %s: %v", snatVarCsumHelper, err)
+		}
+	}
+	if mode == csumNoBTF {
+		if opts.Programs.KernelTypes, err = stubSkbTypes(); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	if err := spec.LoadAndAssign(&tp.objs, &opts); err != nil {
 		tb.Fatalf("load snat: %v", err)
 	}
 	tb.Cleanup(func() { tp.objs.Close() })
@@ -252,11 +278,22 @@ func specialCases() []snatCase {
 	}
 }
 
+// TestSNATProgram runs every case with each way of updating the L4
+// checksum: written by the program (BPF_PROG_TEST_RUN's skbs are
+// CHECKSUM_NONE; TestSNATChecksumPartial covers CHECKSUM_PARTIAL), and
+// through bpf_l4_csum_replace as without CAP_PERFMON or kernel BTF. IPv4
+// options and IPv6 fragment headers take the helper in every mode.
 func TestSNATProgram(t *testing.T) {
+	for _, mode := range []csumMode{csumInline, csumHelper, csumNoBTF} {
+		t.Run(string(mode), func(t *testing.T) { testSNATProgram(t, mode) })
+	}
+}
+
+func testSNATProgram(t *testing.T, mode csumMode) {
 	cases := append(matrixCases(), specialCases()...)
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			tp := newTestProg(t)
+			tp := newTestProgCsum(t, mode)
 			tp.add(t, c.rules...)
 			in := append([]byte(nil), c.in...)
 			out := tp.run(t, in)
@@ -330,6 +367,12 @@ func TestSNATRulePrecedence(t *testing.T) {
 // source; the first by the rule (ports rewritten too), the later ones from
 // the fragment map; the reassembled datagram's checksum is valid.
 func TestSNATFragments(t *testing.T) {
+	for _, mode := range []csumMode{csumInline, csumHelper} {
+		t.Run(string(mode), func(t *testing.T) { testSNATFragments(t, mode) })
+	}
+}
+
+func testSNATFragments(t *testing.T, mode csumMode) {
 	payload := bytes.Repeat([]byte("0123456789abcdef"), 190) // 3040 bytes
 	for _, f := range []struct {
 		name     string
@@ -341,7 +384,7 @@ func TestSNATFragments(t *testing.T) {
 		{"v6", backend6, client6, net6, vip6},
 	} {
 		t.Run(f.name, func(t *testing.T) {
-			tp := newTestProg(t)
+			tp := newTestProgCsum(t, mode)
 			tp.add(t, SNATRule{Src: f.net, Proto: UDP, SPort: 53, To: f.vip, ToPort: 5353})
 			p := pkt{src: f.src, dst: f.dst, proto: UDP, payload: payload, id: 0xbeef}
 			in := p.fragments(1232)
@@ -487,6 +530,29 @@ func hostEntries(t *testing.T, tp *testProg) []string {
 	return out
 }
 
+// host4Entries returns the keys in snat_hosts4, as rules.
+func host4Entries(t *testing.T, tp *testProg) []string {
+	t.Helper()
+	var (
+		k   snatSnatHost4Key
+		v   snatSnatValue
+		out []string
+	)
+	it := tp.objs.SnatHosts4.Iterate()
+	for it.Next(&k, &v) {
+		var a [4]byte
+		binary.NativeEndian.PutUint32(a[:], k.Addr)
+		sk := snatSnatKey{Prefixlen: keyFixedBits + 32, Family: familyV4, Proto: k.Proto, Sport: k.Sport}
+		copy(sk.Addr[:], a[:])
+		out = append(out, ruleFromKV(sk, v).String())
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	sort.Strings(out)
+	return out
+}
+
 // TestSNATHostTable: host rules (/32, /128) are kept in snat_hosts too, and
 // go with their rule; prefix rules are not. State pinned by an lbctl
 // without snat_hosts has its host rules copied there on the first change,
@@ -500,6 +566,9 @@ func TestSNATHostTable(t *testing.T) {
 	if got, want := hostEntries(t, tp), []string{host4.String(), host6.String()}; !slices.Equal(got, want) {
 		t.Fatalf("snat_hosts holds %q, want %q", got, want)
 	}
+	if got, want := host4Entries(t, tp), []string{host4.String()}; !slices.Equal(got, want) {
+		t.Fatalf("snat_hosts4 holds %q, want %q", got, want)
+	}
 	p := pkt{src: backend4, dst: client4, proto: UDP, payload: []byte("q")}
 	if d := diffPacket(tp.run(t, p.frame()), rewrite(p, vip4, 5353).frame()); d != "" {
 		t.Fatalf("host rule not applied:%s", d)
@@ -510,12 +579,29 @@ func TestSNATHostTable(t *testing.T) {
 	if got, want := hostEntries(t, tp), []string{host6.String()}; !slices.Equal(got, want) {
 		t.Fatalf("after deleting %s snat_hosts holds %q, want %q", host4, got, want)
 	}
+	if got := host4Entries(t, tp); len(got) != 0 {
+		t.Fatalf("after deleting %s snat_hosts4 holds %q, want nothing", host4, got)
+	}
 	if d := diffPacket(tp.run(t, p.frame()), rewrite(p, vip4, 0).frame()); d != "" {
 		t.Fatalf("after deleting the host rule, want the /28 rule:%s", d)
 	}
 	var n snatSnatKindCounts
-	if err := tp.objs.SnatRuleCounts.Lookup(uint32(0), &n); err != nil || n != (snatSnatKindCounts{AnyHosts: 1, PortPrefixes: 1, Kept: 1}) {
+	if err := tp.objs.SnatRuleCounts.Lookup(uint32(0), &n); err != nil || n != (snatSnatKindCounts{AnyHosts: 1, PortPrefixes: 1, Kept: snatKeptHosts4}) {
 		t.Fatalf("snat_rule_counts = %+v (%v), want 1 any-port host rule and 1 prefix rule", n, err)
+	}
+	// Counts kept by an lbctl without snat_hosts4 (SNAT_KEPT_HOSTS): a
+	// stale IPv4 entry there is not used, the trie decides.
+	stale := snatSnatHost4Key{Addr: binary.NativeEndian.Uint32(backend4.Addr().AsSlice()), Sport: htons(53), Proto: uint8(UDP)}
+	staleVal := snatSnatValue{SrcLen: 32}
+	copy(staleVal.Addr[:], netip.MustParseAddr("198.18.98.99").AsSlice())
+	if err := tp.objs.SnatHosts4.Update(&stale, &staleVal, ebpf.UpdateAny); err != nil {
+		t.Fatal(err)
+	}
+	if err := tp.objs.SnatRuleCounts.Update(uint32(0), snatSnatKindCounts{AnyHosts: 1, PortPrefixes: 1, Kept: 1}, ebpf.UpdateAny); err != nil {
+		t.Fatal(err)
+	}
+	if d := diffPacket(tp.run(t, p.frame()), rewrite(p, vip4, 0).frame()); d != "" {
+		t.Fatalf("stale snat_hosts4 entry used with counts of an older lbctl:%s", d)
 	}
 	// Counts not kept (state from an older lbctl) skip snat_hosts; the
 	// trie still has the host rule.
@@ -548,7 +634,17 @@ func TestSNATHostTable(t *testing.T) {
 	if err := old.objs.SnatRules.Update(&key, &val, ebpf.UpdateNoExist); err != nil {
 		t.Fatal(err)
 	}
+	// and a stale entry in snat_hosts4 (an older lbctl deleted its rule).
+	gone := snatSnatHost4Key{Addr: binary.NativeEndian.Uint32(netip.MustParseAddr("198.19.16.12").AsSlice()), Sport: htons(53), Proto: uint8(UDP)}
+	if err := old.objs.SnatHosts4.Update(&gone, &staleVal, ebpf.UpdateAny); err != nil {
+		t.Fatal(err)
+	}
 	old.add(t, SNATRule{Src: netip.PrefixFrom(backend4.Addr(), 32), Proto: UDP, To: b})
+	want := []string{portRule.String(), SNATRule{Src: netip.PrefixFrom(backend4.Addr(), 32), Proto: UDP, To: b}.String()}
+	sort.Strings(want)
+	if got := host4Entries(t, old); !slices.Equal(got, want) {
+		t.Fatalf("snat_hosts4 after the first change holds %q, want %q", got, want)
+	}
 	if d := diffPacket(old.run(t, p.frame()), rewrite(p, a, 0).frame()); d != "" {
 		t.Fatalf("port host rule of older state hidden by a new any-port host rule:%s", d)
 	}
@@ -582,18 +678,18 @@ func TestSNATPrefixKinds(t *testing.T) {
 	any24 := SNATRule{Src: netip.MustParsePrefix("198.19.16.0/24"), Proto: UDP, To: b}
 
 	tp.add(t, port28)
-	counts(snatSnatKindCounts{PortPrefixes: 1, Kept: 1})
+	counts(snatSnatKindCounts{PortPrefixes: 1, Kept: snatKeptHosts4})
 	expect(on53, rewrite(on53, a, 0), "port 53 with the /28 port rule alone")
 	expect(on54, on54, "port 54 with the /28 port-53 rule alone")
 
 	tp.add(t, any24)
-	counts(snatSnatKindCounts{PortPrefixes: 1, AnyPrefixes: 1, Kept: 1})
+	counts(snatSnatKindCounts{PortPrefixes: 1, AnyPrefixes: 1, Kept: snatKeptHosts4})
 	expect(on54, rewrite(on54, b, 0), "port 54 with an any-port /24 next to the /28")
 	expect(on53, rewrite(on53, a, 0), "port 53: the longer /28 port rule beats the /24")
 
 	if err := tp.d.DelSNAT(port28); err != nil {
 		t.Fatal(err)
 	}
-	counts(snatSnatKindCounts{AnyPrefixes: 1, Kept: 1})
+	counts(snatSnatKindCounts{AnyPrefixes: 1, Kept: snatKeptHosts4})
 	expect(on53, rewrite(on53, b, 0), "port 53 after deleting the /28: the any-port /24")
 }

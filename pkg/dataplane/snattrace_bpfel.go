@@ -35,6 +35,14 @@ type snatTraceSnatFragValue struct {
 	RuleId uint32
 }
 
+type snatTraceSnatHost4Key struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Sport uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type snatTraceSnatKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -110,12 +118,14 @@ const (
 	snatTraceMapSnatCounters     = "snat_counters"
 	snatTraceMapSnatFrags        = "snat_frags"
 	snatTraceMapSnatHosts        = "snat_hosts"
+	snatTraceMapSnatHosts4       = "snat_hosts4"
 	snatTraceMapSnatRuleCounts   = "snat_rule_counts"
 	snatTraceMapSnatRuleStats    = "snat_rule_stats"
 	snatTraceMapSnatRules        = "snat_rules"
 	snatTraceMapTraceEvents      = "trace_events"
 	snatTraceProgSnatEgress      = "snat_egress"
 	snatTraceVarSnatCounterBtf   = "snat_counter_btf"
+	snatTraceVarSnatCsumHelper   = "snat_csum_helper"
 	snatTraceVarTraceAddr        = "trace_addr"
 	snatTraceVarTraceDecisionBtf = "trace_decision_btf"
 	snatTraceVarTraceEventBtf    = "trace_event_btf"
@@ -176,6 +186,7 @@ type snatTraceMapSpecs struct {
 	SnatCounters   *ebpf.MapSpec `ebpf:"snat_counters"`
 	SnatFrags      *ebpf.MapSpec `ebpf:"snat_frags"`
 	SnatHosts      *ebpf.MapSpec `ebpf:"snat_hosts"`
+	SnatHosts4     *ebpf.MapSpec `ebpf:"snat_hosts4"`
 	SnatRuleCounts *ebpf.MapSpec `ebpf:"snat_rule_counts"`
 	SnatRuleStats  *ebpf.MapSpec `ebpf:"snat_rule_stats"`
 	SnatRules      *ebpf.MapSpec `ebpf:"snat_rules"`
@@ -187,6 +198,7 @@ type snatTraceMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type snatTraceVariableSpecs struct {
 	SnatCounterBtf   *ebpf.VariableSpec `ebpf:"snat_counter_btf"`
+	SnatCsumHelper   *ebpf.VariableSpec `ebpf:"snat_csum_helper"`
 	TraceAddr        *ebpf.VariableSpec `ebpf:"trace_addr"`
 	TraceDecisionBtf *ebpf.VariableSpec `ebpf:"trace_decision_btf"`
 	TraceEventBtf    *ebpf.VariableSpec `ebpf:"trace_event_btf"`
@@ -218,6 +230,7 @@ type snatTraceMaps struct {
 	SnatCounters   *ebpf.Map `ebpf:"snat_counters"`
 	SnatFrags      *ebpf.Map `ebpf:"snat_frags"`
 	SnatHosts      *ebpf.Map `ebpf:"snat_hosts"`
+	SnatHosts4     *ebpf.Map `ebpf:"snat_hosts4"`
 	SnatRuleCounts *ebpf.Map `ebpf:"snat_rule_counts"`
 	SnatRuleStats  *ebpf.Map `ebpf:"snat_rule_stats"`
 	SnatRules      *ebpf.Map `ebpf:"snat_rules"`
@@ -229,6 +242,7 @@ func (m *snatTraceMaps) Close() error {
 		m.SnatCounters,
 		m.SnatFrags,
 		m.SnatHosts,
+		m.SnatHosts4,
 		m.SnatRuleCounts,
 		m.SnatRuleStats,
 		m.SnatRules,
@@ -241,6 +255,7 @@ func (m *snatTraceMaps) Close() error {
 // It can be passed to loadSnatTraceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type snatTraceVariables struct {
 	SnatCounterBtf   *ebpf.Variable `ebpf:"snat_counter_btf"`
+	SnatCsumHelper   *ebpf.Variable `ebpf:"snat_csum_helper"`
 	TraceAddr        *ebpf.Variable `ebpf:"trace_addr"`
 	TraceDecisionBtf *ebpf.Variable `ebpf:"trace_decision_btf"`
 	TraceEventBtf    *ebpf.Variable `ebpf:"trace_event_btf"`

@@ -94,6 +94,13 @@ func (d *Dataplane) Stats() (Stats, error) {
 		}
 		st.SNAT = append(st.SNAT, Counter{Name: SNATCounter(i).String(), Value: sum})
 	}
+	// seen is not counted in BPF: every packet is exactly one of these.
+	// Programs of an older lbctl counted it too, but kept this same sum,
+	// so the sum is right whichever programs ran.
+	st.SNAT[SNATSeen].Value = 0
+	for _, c := range []SNATCounter{SNATRewritten, SNATNoMatch, SNATNotParsed, SNATErrors} {
+		st.SNAT[SNATSeen].Value += st.SNAT[c].Value
+	}
 	es, err := d.snatEntries()
 	if err != nil {
 		return Stats{}, err

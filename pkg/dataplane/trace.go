@@ -3,7 +3,7 @@ package dataplane
 // The tracing variant of snat: bpf/snat.c compiled with LBCTL_TRACE, which
 // adds a ring buffer of trace events (bpf/lib/trace.h). It is loaded and
 // swapped into snat's links only while lbctl trace runs.
-//go:generate go tool bpf2go -cc clang-19 -target bpfel -type trace_event -type trace_decision -type trace_prog snatTrace ../../bpf/snat.c -- -DLBCTL_TRACE -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
+//go:generate go tool bpf2go -cc clang-19 -target bpfel -type trace_event -type trace_decision -type trace_prog snatTrace ../../bpf/snat.c -- -mcpu=v3 -DLBCTL_TRACE -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
 
 // The tracing variant of steer, likewise.
 //go:generate go tool bpf2go -cc clang-19 -target bpfel steerTrace ../../bpf/steer.c -- -DLBCTL_TRACE -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
@@ -278,8 +278,13 @@ func (d *Dataplane) loadSnatTrace(f TraceFilter, events *ebpf.Map) (*ebpf.Progra
 	if err := setTraceFilter(spec, f); err != nil {
 		return nil, err
 	}
+	kernelTypes, err := snatChecksumMode(spec)
+	if err != nil {
+		return nil, err
+	}
 	var progs snatTracePrograms
 	opts := &ebpf.CollectionOptions{MapReplacements: mapsByName(&d.snat, events)}
+	opts.Programs.KernelTypes = kernelTypes
 	if err := spec.LoadAndAssign(&progs, opts); err != nil {
 		return nil, loadErr("load snat trace program", d.dir, err)
 	}
