@@ -142,25 +142,12 @@ func (s *servers) startUDP(ctx context.Context, ap netip.AddrPort, readers int, 
 	return nil
 }
 
-// serveUDP answers datagrams until conn is closed.
+// serveUDP answers datagrams until conn is closed, in batches (batch.go).
 func serveUDP(log *zap.Logger, conn *net.UDPConn, h handler) {
-	in := make([]byte, 65536)
-	out := make([]byte, 0, 65536)
-	for {
-		n, from, err := conn.ReadFromUDPAddrPort(in)
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			log.Warn("udp read", zap.Error(err))
-			continue
-		}
-		reply, ok := h(in[:n], out)
-		if !ok {
-			continue
-		}
-		if _, err := conn.WriteToUDPAddrPort(reply, from); err != nil {
-			log.Debug("udp write", zap.Stringer("to", from), zap.Error(err))
-		}
+	b, err := newUDPBatcher(conn)
+	if err != nil {
+		log.Error("udp serve", zap.Error(err))
+		return
 	}
+	b.serve(log, h)
 }
