@@ -13,7 +13,7 @@ import (
 )
 
 // emptyTC is the baseline: a TC program that only returns TC_ACT_UNSPEC.
-func emptyTC(b *testing.B) *ebpf.Program {
+func emptyTC(b testing.TB) *ebpf.Program {
 	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
 		Type:         ebpf.SchedCLS,
 		License:      "GPL",
@@ -24,6 +24,34 @@ func emptyTC(b *testing.B) *ebpf.Program {
 	}
 	b.Cleanup(func() { prog.Close() })
 	return prog
+}
+
+// benchFrames returns the benchmarks' packets: a UDP reply from
+// backend4:53 that the rules of benchRules match (hit), and one from an
+// address no rule covers (miss).
+func benchFrames() (hit, miss []byte) {
+	hitPkt := pkt{src: backend4, dst: client4, proto: UDP, payload: make([]byte, 64)}
+	missPkt := hitPkt
+	missPkt.src = netip.MustParseAddrPort("198.18.200.1:53")
+	return hitPkt.frame(), missPkt.frame()
+}
+
+// benchRules returns n rules whose targets equal their matches. With one
+// rule: DESIGN's /28, which takes both lookups (port rule, then any-port
+// rule). With more: /32 UDP port-53 host rules on distinct sources in
+// 198.19.0.0/16, backend4's among them, found by the first lookup alone.
+func benchRules(n int) []SNATRule {
+	rules := []SNATRule{{Src: net4, Proto: UDP, SPort: 53, To: backend4.Addr()}}
+	if n > 1 {
+		rules[0].Src = netip.PrefixFrom(backend4.Addr(), 32)
+	}
+	for i := 0; len(rules) < n; i++ {
+		a := netip.AddrFrom4([4]byte{198, 19, byte(i >> 8), byte(i)})
+		if a != backend4.Addr() {
+			rules = append(rules, SNATRule{Src: netip.PrefixFrom(a, 32), Proto: UDP, SPort: 53, To: a})
+		}
+	}
+	return rules
 }
 
 // nsPerPacket runs prog on frame repeat times in one BPF_PROG_TEST_RUN
@@ -49,10 +77,7 @@ func nsPerPacket(b *testing.B, prog *ebpf.Program, frame []byte, repeat int) flo
 // on distinct sources in 198.19.0.0/16.
 func BenchmarkSNAT(b *testing.B) {
 	testenv.RequireRoot(b)
-	hitPkt := pkt{src: backend4, dst: client4, proto: UDP, payload: make([]byte, 64)}
-	missPkt := hitPkt
-	missPkt.src = netip.MustParseAddrPort("198.18.200.1:53")
-	hit, miss := hitPkt.frame(), missPkt.frame()
+	hit, miss := benchFrames()
 
 	empty := emptyTC(b)
 	var emptyNs float64 // the empty program's ns/packet, from its final run
@@ -71,20 +96,7 @@ func BenchmarkSNAT(b *testing.B) {
 
 	for _, n := range []int{1, 10000} {
 		tp := newTestProg(b)
-		// With one rule: DESIGN's /28, which takes both lookups (port
-		// rule, then any-port rule). With 10,000: /32 host rules, found by
-		// the first lookup alone.
-		rules := []SNATRule{{Src: net4, Proto: UDP, SPort: 53, To: backend4.Addr()}}
-		if n > 1 {
-			rules[0].Src = netip.PrefixFrom(backend4.Addr(), 32)
-		}
-		for i := 0; len(rules) < n; i++ {
-			a := netip.AddrFrom4([4]byte{198, 19, byte(i >> 8), byte(i)})
-			if a != backend4.Addr() {
-				rules = append(rules, SNATRule{Src: netip.PrefixFrom(a, 32), Proto: UDP, SPort: 53, To: a})
-			}
-		}
-		tp.add(b, rules...)
+		tp.add(b, benchRules(n)...)
 		// The hit packet hits, the miss packet misses.
 		tp.run(b, hit)
 		tp.run(b, miss)

@@ -2,7 +2,6 @@ package dataplane
 
 import (
 	"fmt"
-	"net/netip"
 	"os"
 	"slices"
 	"strconv"
@@ -10,7 +9,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
 )
 
 // TestSNATInterleaved is the quiet-machine method of docs/dataplane.md
@@ -31,20 +29,8 @@ func TestSNATInterleaved(t *testing.T) {
 	if r, _ := strconv.Atoi(os.Getenv("LBCTL_SNAT_REPEAT")); r > 0 {
 		repeat = r
 	}
-	hitPkt := pkt{src: backend4, dst: client4, proto: UDP, payload: make([]byte, 64)}
-	missPkt := hitPkt
-	missPkt.src = netip.MustParseAddrPort("198.18.200.1:53")
-	hit, miss := hitPkt.frame(), missPkt.frame()
-
-	empty, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type:         ebpf.SchedCLS,
-		License:      "GPL",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()},
-	})
-	if err != nil {
-		t.Fatalf("load empty program: %v", err)
-	}
-	defer empty.Close()
+	hit, miss := benchFrames()
+	empty := emptyTC(t)
 
 	type path struct {
 		name  string
@@ -55,17 +41,7 @@ func TestSNATInterleaved(t *testing.T) {
 	var paths []*path
 	for _, n := range []int{1, 10000} {
 		tp := newTestProg(t)
-		rules := []SNATRule{{Src: net4, Proto: UDP, SPort: 53, To: backend4.Addr()}}
-		if n > 1 {
-			rules[0].Src = netip.PrefixFrom(backend4.Addr(), 32)
-		}
-		for i := 0; len(rules) < n; i++ {
-			a := netip.AddrFrom4([4]byte{198, 19, byte(i >> 8), byte(i)})
-			if a != backend4.Addr() {
-				rules = append(rules, SNATRule{Src: netip.PrefixFrom(a, 32), Proto: UDP, SPort: 53, To: a})
-			}
-		}
-		tp.add(t, rules...)
+		tp.add(t, benchRules(n)...)
 		paths = append(paths,
 			&path{name: fmt.Sprintf("hit/rules=%d", n), prog: tp.objs.SnatEgress, frame: hit},
 			&path{name: fmt.Sprintf("miss/rules=%d", n), prog: tp.objs.SnatEgress, frame: miss})
