@@ -265,6 +265,24 @@ static __always_inline void l4_csum_update(const struct pkt *p, __u16 *check, in
 	*check = l4_csum_fix(p->proto, c);
 }
 
+/* l4_check_ptr returns the checksum field of the UDP or TCP header at l4
+ * (proto), or NULL when the header does not end within the linear data. */
+static __always_inline __u16 *l4_check_ptr(void *l4, void *data_end, __u8 proto)
+{
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = l4;
+
+		if ((void *)(tcp + 1) > data_end)
+			return NULL;
+		return &tcp->check;
+	}
+	struct udphdr *udp = l4;
+
+	if ((void *)(udp + 1) > data_end)
+		return NULL;
+	return &udp->check;
+}
+
 /* rewrite_inline rewrites the source of p (not a later fragment, L4 header
  * right after a fixed IPv4 or IPv6 header) to to (4 or 16 bytes) and, when
  * to_port is non-zero and differs, its source port, with direct writes and
@@ -282,19 +300,11 @@ static __always_inline int rewrite_inline(struct __sk_buff *skb, const struct pk
 
 	if (p->family == SNAT_FAMILY_V4) {
 		struct iphdr *ip = data + ETH_HLEN;
-		struct tcphdr *tcp = (void *)(ip + 1);
-		struct udphdr *udp = (void *)(ip + 1);
 		__be32 from, to4;
 
-		if (p->proto == IPPROTO_TCP) {
-			if ((void *)(tcp + 1) > data_end)
-				return -1;
-			check = &tcp->check;
-		} else {
-			if ((void *)(udp + 1) > data_end)
-				return -1;
-			check = &udp->check;
-		}
+		check = l4_check_ptr(ip + 1, data_end, p->proto);
+		if (!check)
+			return -1;
 		sport = (void *)(ip + 1);
 		__builtin_memcpy(&from, p->saddr, 4);
 		__builtin_memcpy(&to4, to, 4);
@@ -305,18 +315,10 @@ static __always_inline int rewrite_inline(struct __sk_buff *skb, const struct pk
 		addr_diff = (__u32)((d & 0xffffffff) + (d >> 32));
 	} else {
 		struct ipv6hdr *ip6 = data + ETH_HLEN;
-		struct tcphdr *tcp = (void *)(ip6 + 1);
-		struct udphdr *udp = (void *)(ip6 + 1);
 
-		if (p->proto == IPPROTO_TCP) {
-			if ((void *)(tcp + 1) > data_end)
-				return -1;
-			check = &tcp->check;
-		} else {
-			if ((void *)(udp + 1) > data_end)
-				return -1;
-			check = &udp->check;
-		}
+		check = l4_check_ptr(ip6 + 1, data_end, p->proto);
+		if (!check)
+			return -1;
 		sport = (void *)(ip6 + 1);
 		__builtin_memcpy(&ip6->saddr, to, 16);
 		addr_diff = csum_diff16(p->saddr, to);
