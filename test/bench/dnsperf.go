@@ -222,21 +222,27 @@ func (e *env) queryFile(server netip.Addr) (string, error) {
 	return p, nil
 }
 
-// dnsperf runs dnsperf from the client against each server at once for
-// the run's duration, the load split evenly between them, and merges the
-// results. One server is the VIP; several are the backends (routed floor).
+// dnsperf runs dnsperf from the client against servers for the run's
+// duration and merges the results. One server is the VIP; several are the
+// backends (routed floor). Every line runs the same client: dnsProcs
+// single-threaded dnsperf processes at once (or one per server, if there
+// are more servers), taking the servers in turn, with the load split
+// evenly between them. One dnsperf thread tops out at about 45-50k qps
+// here, so a line run with fewer processes than another would measure
+// dnsperf, not the path.
 func (e *env) dnsperf(ctx context.Context, label string, d time.Duration, servers ...netip.Addr) (dnsperfResult, error) {
 	qf, err := e.queryFile(servers[0])
 	if err != nil {
 		return dnsperfResult{}, err
 	}
-	n := len(servers)
+	targets := spread(servers, e.loads.dnsProcs)
+	n := len(targets)
 	clients := max(1, e.loads.dnsClients/n)
 	outstanding := max(1, e.loads.dnsOutstanding/n)
 	rs := make([]dnsperfResult, n)
 	errs := make([]error, n)
 	var wg sync.WaitGroup
-	for i, s := range servers {
+	for i, s := range targets {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -297,4 +303,14 @@ func dnsLine(path, load string, r dnsperfResult) result {
 		note = fmt.Sprintf("%.2f%% lost", 100*float64(r.lost)/float64(r.sent))
 	}
 	return result{path: path, load: load, value: r.qps, unit: "qps", avg: r.avg, p99: r.lat.quantile(0.99), note: note}
+}
+
+// spread returns the target of each of max(procs, len(servers)) client
+// processes: the servers in turn.
+func spread(servers []netip.Addr, procs int) []netip.Addr {
+	out := make([]netip.Addr, max(procs, len(servers)))
+	for i := range out {
+		out[i] = servers[i%len(servers)]
+	}
+	return out
 }

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -145,5 +147,26 @@ func TestDNSPerfArgs(t *testing.T) {
 	want := "-f inet6 -m udp -s 2001:db8:98::10 -p 53 -d /q -l 2 -c 4 -q 16 -T 1 -t 2 -v"
 	if got != want {
 		t.Errorf("args\n got %s\nwant %s", got, want)
+	}
+}
+
+func TestSpread(t *testing.T) {
+	vip := mustAddr("198.18.98.10")
+	b := []netip.Addr{mustAddr("198.18.2.11"), mustAddr("198.18.2.12"), mustAddr("198.18.2.13"), mustAddr("198.18.2.14")}
+	for _, tc := range []struct {
+		servers []netip.Addr
+		procs   int
+		want    []netip.Addr
+	}{
+		{[]netip.Addr{vip}, 4, []netip.Addr{vip, vip, vip, vip}},
+		{[]netip.Addr{vip}, 1, []netip.Addr{vip}},
+		{b, 4, b},
+		{b, 1, b},
+		{b[:2], 4, []netip.Addr{b[0], b[1], b[0], b[1]}},
+	} {
+		got := spread(tc.servers, tc.procs)
+		if !slices.Equal(got, tc.want) {
+			t.Errorf("spread(%v, %d) = %v, want %v", tc.servers, tc.procs, got, tc.want)
+		}
 	}
 }

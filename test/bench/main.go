@@ -90,8 +90,9 @@ func parseArgs(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.backend, "backend", "bin/backend", "the demo backend binary (go build ./test/backend)")
 	fs.StringVar(&o.dpTest, "dataplane-test", "bin/dataplane.test", "pkg/dataplane's test binary (go test -c ./pkg/dataplane), for the BPF lines")
 	fs.BoolVar(&o.list, "list", false, "list the scenarios and exit")
-	fs.IntVar(&o.loads.dnsClients, "dns-clients", 16, "dnsperf -c: client source ports (split over the targets)")
-	fs.IntVar(&o.loads.dnsOutstanding, "dns-outstanding", 64, "dnsperf -q: queries in flight (split over the targets)")
+	fs.IntVar(&o.loads.dnsClients, "dns-clients", 16, "dnsperf -c: client source ports (split over the dnsperf processes)")
+	fs.IntVar(&o.loads.dnsOutstanding, "dns-outstanding", 64, "dnsperf -q: queries in flight (split over the dnsperf processes)")
+	fs.IntVar(&o.loads.dnsProcs, "dns-procs", 4, "dnsperf processes per line, one thread each (at least one per target)")
 	fs.IntVar(&o.loads.wrkConns, "http-conns", 32, "wrk -c: connections (split over the targets)")
 	fs.IntVar(&o.loads.wrkThreads, "http-threads", 2, "wrk -t: threads (split over the targets)")
 	if err := fs.Parse(args); err != nil {
@@ -109,8 +110,8 @@ func parseArgs(args []string, stderr io.Writer) (*options, error) {
 	if _, err := regexp.Compile(o.lines); err != nil {
 		return nil, fmt.Errorf("-loads %q: %w", o.lines, err)
 	}
-	if o.loads.dnsClients < 1 || o.loads.dnsOutstanding < 1 || o.loads.wrkConns < 1 || o.loads.wrkThreads < 1 {
-		return nil, errors.New("-dns-clients, -dns-outstanding, -http-conns and -http-threads must be at least 1")
+	if o.loads.dnsClients < 1 || o.loads.dnsOutstanding < 1 || o.loads.dnsProcs < 1 || o.loads.wrkConns < 1 || o.loads.wrkThreads < 1 {
+		return nil, errors.New("-dns-clients, -dns-outstanding, -dns-procs, -http-conns and -http-threads must be at least 1")
 	}
 	return &o, nil
 }

@@ -50,6 +50,7 @@ type env struct {
 type loadParams struct {
 	dnsClients     int // dnsperf -c: client source ports
 	dnsOutstanding int // dnsperf -q: queries in flight
+	dnsProcs       int // dnsperf processes (one thread each)
 	wrkConns       int // wrk -c: connections
 	wrkThreads     int // wrk -t
 }
