@@ -308,8 +308,10 @@ int snat_egress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	}
 	/* r points into the map (stays valid through the helpers below,
-	 * which invalidate packet pointers only). */
-	const __u8 *to = r->addr;
+	 * which invalidate packet pointers only). addr starts struct
+	 * snat_value, 4-byte aligned: said here, the copies of the address
+	 * below take 32-bit loads instead of byte loads and shifts. */
+	const __u8 *to = __builtin_assume_aligned(r->addr, 4);
 	__be16 to_port = r->port;
 	__u32 rule_id = r->rule_id;
 
