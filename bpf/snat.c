@@ -39,7 +39,7 @@ struct {
  * 24: the hash the lookup computes over the key is most of its cost.
  * snat_hosts keeps the IPv4 host rules too, for programs of an older lbctl
  * still attached; this program reads it for IPv6 only. Used only when
- * snat_rule_counts says SNAT_KEPT_HOSTS4 (kept in step). */
+ * snat_rule_counts says SNAT_KEPT_HOSTS4 or more (kept in step). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -47,6 +47,34 @@ struct {
 	__type(key, struct snat_host4_key);
 	__type(value, struct snat_value);
 } snat_hosts4 SEC(".maps");
+
+/* The IPv4 host rules once more, in an open-addressed table the program
+ * probes itself: slot = multiplicative hash of the 8-byte key, then up to
+ * HOST4_PROBES slots on; each slot names a rule id, whose entry in
+ * snat_host4_rules holds the key (compared) and the target. Used only
+ * when snat_rule_counts says SNAT_KEPT_TABLE4; snat_hosts4 otherwise.
+ * Array lookups are inlined by the verifier: no jhash, no bucket walk, no
+ * call. Programs read while user space writes (one map update per slot or
+ * entry), so user space writes a rule's entry before the slot naming it,
+ * marks a deleted rule's slot HOST4_SLOT_DELETED (a probe goes on past
+ * it; slots become empty again only in a rebuild, which it does while the
+ * counts say SNAT_KEPT_HOSTS4, a grace period after saying so), and
+ * rewrites a deleted rule's entry only a grace period after the delete. A
+ * slot read half-written names some other rule at worst, whose key then
+ * does not compare equal. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, HOST4_SLOTS);
+	__type(key, __u32);
+	__type(value, struct snat_host4_slot);
+} snat_host4_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_RULES);
+	__type(key, __u32);
+	__type(value, struct snat_host4_rule);
+} snat_host4_rules SEC(".maps");
 
 /* Rule counts by kind (one slot), kept by user space under the state's
  * lock, so that the program skips lookups that cannot match. Without kept
@@ -123,8 +151,42 @@ static __always_inline struct snat_value *rule_lookup(const struct pkt *p, __be1
 	return bpf_map_lookup_elem(&snat_rules, &key);
 }
 
-static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be16 sport)
+/* host4_table_lookup finds the IPv4 host rule for k (struct
+ * snat_host4_key as a little-endian u64) in snat_host4_slots. */
+static __always_inline struct snat_value *host4_table_lookup(__u64 k)
 {
+	__u32 h = (k * HOST4_HASH_MUL) >> (64 - HOST4_SLOTS_BITS);
+
+#pragma unroll
+	for (int i = 0; i < HOST4_PROBES; i++) {
+		__u32 idx = (h + i) & (HOST4_SLOTS - 1);
+		struct snat_host4_slot *s = bpf_map_lookup_elem(&snat_host4_slots, &idx);
+
+		if (!s || s->rule == HOST4_SLOT_EMPTY)
+			return NULL;
+		if (s->rule == HOST4_SLOT_DELETED)
+			continue;
+		__u32 id = s->rule - 1;
+		struct snat_host4_rule *e = bpf_map_lookup_elem(&snat_host4_rules, &id);
+		__u64 ek;
+
+		if (!e)
+			continue;
+		__builtin_memcpy(&ek, &e->key, sizeof(ek));
+		if (ek == k)
+			return &e->value;
+	}
+	return NULL;
+}
+
+static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be16 sport, __u32 kept)
+{
+	if (p->family == SNAT_FAMILY_V4 && kept == SNAT_KEPT_TABLE4) {
+		__u32 a;
+
+		__builtin_memcpy(&a, p->saddr, sizeof(a));
+		return host4_table_lookup((__u64)a | (__u64)sport << 32 | (__u64)p->proto << 48);
+	}
 	if (p->family == SNAT_FAMILY_V4) {
 		struct snat_host4_key k4 = {
 			.sport = sport,
@@ -156,23 +218,28 @@ static __always_inline struct snat_value *rule_match(const struct pkt *p)
 	struct snat_value *exact = NULL, *any = NULL;
 	__u32 zero = 0, port_prefixes = 1, any_prefixes = 1;
 	struct snat_kind_counts *n = bpf_map_lookup_elem(&snat_rule_counts, &zero);
+	/* Copied out: n is not kept live (spilled) across the lookups. */
+	__u32 kept = n ? n->kept : 0;
 
-	/* IPv4 host rules are in snat_hosts4 only if this lbctl keeps the
-	 * counts; else the trie (always complete) decides. */
-	if (n && (n->kept == SNAT_KEPT_HOSTS4 || (n->kept && p->family == SNAT_FAMILY_V6))) {
+	/* IPv4 host rules are in snat_hosts4 (and the probed table) only if
+	 * this lbctl keeps the counts; else the trie (always complete) decides. */
+	if (n && (kept >= SNAT_KEPT_HOSTS4 || (kept && p->family == SNAT_FAMILY_V6))) {
+		__u32 any_hosts = n->any_hosts;
+
+		port_prefixes = n->port_prefixes;
+		any_prefixes = n->any_prefixes;
 		if (p->sport && n->port_hosts) {
-			exact = host_lookup(p, p->sport);
+			exact = host_lookup(p, p->sport, kept);
 			if (exact)
 				return exact;
 		}
-		if (n->any_hosts) {
-			any = host_lookup(p, 0);
+		if (any_hosts) {
+			any = host_lookup(p, 0, kept);
 			if (any)
 				return any;
 		}
-		/* Every host rule of p's family is in the host tables: the trie can only add prefix rules. */
-		port_prefixes = n->port_prefixes;
-		any_prefixes = n->any_prefixes;
+		/* Every host rule of p's family is in the host tables: the trie
+		 * can only add prefix rules (port_prefixes, any_prefixes). */
 	}
 	if (p->sport && port_prefixes) {
 		exact = rule_lookup(p, p->sport);

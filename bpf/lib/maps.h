@@ -74,14 +74,47 @@ struct snat_host4_key {
 	__u8 pad;	/* 0 */
 };
 
+/* snat_host4_slots: an open-addressed table over the IPv4 host rules,
+ * probed by the program without a helper (array lookups are inlined).
+ * Slots: a power of 2, four per rule slot (at most a quarter full). */
+#ifndef HOST4_SLOTS_BITS
+#define HOST4_SLOTS_BITS 16
+#endif
+#define HOST4_SLOTS (1 << HOST4_SLOTS_BITS)
+/* Slots probed from a key's home slot: user space places every entry
+ * within them or stops keeping the table. */
+#define HOST4_PROBES 8
+#define HOST4_HASH_MUL 0x9e3779b97f4a7c15ULL
+#define HOST4_SLOT_EMPTY 0		/* never used: the probe ends */
+#define HOST4_SLOT_DELETED 0xffffffff	/* was used: the probe goes on */
+
+/* Value of snat_host4_slots: which rule (snat_host4_rules index) lives here. */
+struct snat_host4_slot {
+	__u32 rule;	/* rule_id + 1, or HOST4_SLOT_EMPTY, HOST4_SLOT_DELETED */
+};
+
+/* Value of snat_host4_rules, indexed by rule_id: an IPv4 host rule's key,
+ * checked against the packet, and its target. */
+struct snat_host4_rule {
+	struct snat_host4_key key __attribute__((aligned(8)));
+	struct snat_value value;
+};
+
 /* Values of snat_kind_counts.kept. An lbctl that keeps the counts and
- * snat_hosts (both families) writes SNAT_KEPT_HOSTS; this lbctl also
- * keeps snat_hosts4 and writes SNAT_KEPT_HOSTS4. A program that reads
- * SNAT_KEPT_HOSTS looks IPv4 host rules up in the trie (snat_hosts4 may be
- * stale), programs of either kind treat any non-zero value as "counts
- * exact, snat_hosts complete", which both lbctls keep true. */
+ * snat_hosts (both families) writes SNAT_KEPT_HOSTS; the next one also
+ * keeps snat_hosts4 and writes SNAT_KEPT_HOSTS4; this one also keeps the
+ * probed table (snat_host4_slots) and writes SNAT_KEPT_TABLE4, or
+ * SNAT_KEPT_HOSTS4 while it rewrites the table or when a rule did not fit
+ * there. A program that reads SNAT_KEPT_HOSTS looks IPv4 host rules up in
+ * the trie (snat_hosts4 may be stale); this program reads snat_hosts4 from
+ * SNAT_KEPT_HOSTS4 up and the table only at SNAT_KEPT_TABLE4 (a program of
+ * the previous lbctl, which wants exactly SNAT_KEPT_HOSTS4, then takes
+ * IPv4 host rules from the trie: slower, still right). Programs of every
+ * kind treat any non-zero value as "counts exact, snat_hosts complete",
+ * which every lbctl keeps true. */
 #define SNAT_KEPT_HOSTS 1
 #define SNAT_KEPT_HOSTS4 2
+#define SNAT_KEPT_TABLE4 3
 
 /* Value of snat_rule_counts (one slot): how many rules of each kind exist,
  * so that snat skips lookups that cannot match. Kept by user space; kept is

@@ -100,7 +100,10 @@ type Dataplane struct {
 	ruleIDs  *idAlloc // nil until first needed
 	// rules of each kind (snat_rule_counts), valid once ruleIDs is set
 	ruleCounts snatSnatKindCounts
-	xdpst      *xdpState // nil until XDP is first used (xdp.go)
+	// the probed IPv4 host rule table (snat_host4_slots); nil until
+	// synced, or when it could not be (then not kept)
+	host4 *host4Table
+	xdpst *xdpState // nil until XDP is first used (xdp.go)
 }
 
 // Open mounts a bpffs at opts.Root if none is there, takes the state lock
@@ -452,6 +455,6 @@ func (d *Dataplane) removeIfUnused() error {
 
 // maps lists every pinned map of every program.
 func (d *Dataplane) maps() []*ebpf.Map {
-	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatHosts4, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
+	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatHosts4, d.snat.SnatHost4Slots, d.snat.SnatHost4Rules, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
 		d.steer.SteerUpstreams, d.steer.SteerCounters, d.steer.SteerFrags}
 }

@@ -5,7 +5,7 @@ package dataplane
 // subregisters and jumps, Linux 5.1+; bpf2go defaults to v1) saves the
 // zero-extending shifts v1 code spends on every 32-bit value: about 1 ns
 // per packet on the hit path (docs/dataplane.md, Performance).
-//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_host4_key -type snat_kind_counts -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -mcpu=v3 -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
+//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_host4_key -type snat_host4_slot -type snat_host4_rule -type snat_kind_counts -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -mcpu=v3 -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
 
 import (
 	"encoding/binary"
@@ -18,6 +18,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
+	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 )
 
@@ -317,6 +318,8 @@ func (d *Dataplane) AttachSNAT(ifname string) (Method, error) {
 		snatMapSnatRules:      d.snat.SnatRules,
 		snatMapSnatHosts:      d.snat.SnatHosts,
 		snatMapSnatHosts4:     d.snat.SnatHosts4,
+		snatMapSnatHost4Slots: d.snat.SnatHost4Slots,
+		snatMapSnatHost4Rules: d.snat.SnatHost4Rules,
 		snatMapSnatRuleCounts: d.snat.SnatRuleCounts,
 		snatMapSnatRuleStats:  d.snat.SnatRuleStats,
 		snatMapSnatCounters:   d.snat.SnatCounters,
@@ -375,7 +378,7 @@ func (d *Dataplane) AddSNAT(rule SNATRule) error {
 	}
 	if hk, ok := hostKey(key); ok {
 		if err := d.putHost(hk, val); err != nil {
-			_ = d.delHost(hk)
+			_ = d.delHost(hk, id)
 			_ = d.snat.SnatRules.Delete(&key)
 			ids.free(id)
 			return fmt.Errorf("add snat rule %s: %w", rule, err)
@@ -409,7 +412,7 @@ func (d *Dataplane) DelSNAT(rule SNATRule) (err error) {
 		return fmt.Errorf("delete snat rule %s: %w (see lbctl snat list)", rule, ErrRuleNotFound)
 	}
 	if hk, ok := hostKey(key); ok {
-		if err := d.delHost(hk); err != nil {
+		if err := d.delHost(hk, val.RuleId); err != nil {
 			return fmt.Errorf("delete snat rule %s: %w", rule, err)
 		}
 	}
@@ -522,17 +525,21 @@ func (d *Dataplane) putHost(hk snatSnatKey, v snatSnatValue) error {
 		if err := d.snat.SnatHosts4.Update(&k4, &v, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("host rule table snat_hosts4: %w", privHint(err))
 		}
+		return d.putHost4Table(k4, v)
 	}
 	return nil
 }
 
-// delHost removes the host rule hk (a hostKey) from snat_hosts and
-// snat_hosts4; an absent entry is no error.
-func (d *Dataplane) delHost(hk snatSnatKey) error {
+// delHost removes the host rule hk (a hostKey, rule id) from snat_hosts,
+// snat_hosts4 and snat_host4_slots; an absent entry is no error.
+func (d *Dataplane) delHost(hk snatSnatKey, id uint32) error {
 	if err := d.snat.SnatHosts.Delete(&hk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("host rule table snat_hosts: %w", privHint(err))
 	}
 	if k4, ok := host4Key(hk); ok {
+		if err := d.delHost4Table(k4, id); err != nil {
+			return err
+		}
 		if err := d.snat.SnatHosts4.Delete(&k4); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("host rule table snat_hosts4: %w", privHint(err))
 		}
@@ -555,6 +562,8 @@ func (d *Dataplane) syncHosts() error {
 	)
 	inTrie := map[snatSnatKey]bool{}
 	in4 := map[snatSnatHost4Key]bool{}
+	rules4 := map[snatSnatHost4Key]snatSnatValue{}
+	d.host4 = nil // not kept while rebuilt
 	it := d.snat.SnatRules.Iterate()
 	for it.Next(&k, &v) {
 		if hk, ok := hostKey(k); ok {
@@ -564,6 +573,7 @@ func (d *Dataplane) syncHosts() error {
 			inTrie[hk] = true
 			if k4, ok := host4Key(hk); ok {
 				in4[k4] = true
+				rules4[k4] = v
 			}
 		}
 		*c.of(k) += 1
@@ -575,6 +585,20 @@ func (d *Dataplane) syncHosts() error {
 		return err
 	}
 	if err := deleteStale(d.snat.SnatHosts4, &k4, &v, in4); err != nil {
+		return err
+	}
+	// The counts say SNAT_KEPT_HOSTS4 (snat_hosts4 complete) before the
+	// probed table is rewritten, and a grace period passes in between: no
+	// program reads the table while it changes.
+	if err := d.setRuleCounts(c); err != nil {
+		return err
+	}
+	if err := graceSync(); err != nil {
+		d.log.Info("IPv4 host rule table not kept: cannot wait for running programs", zap.Error(err))
+		return nil
+	}
+	if err := d.rebuildHost4Table(rules4); err != nil {
+		d.host4 = nil
 		return err
 	}
 	return d.setRuleCounts(c)
@@ -618,6 +642,9 @@ func (c *snatSnatKindCounts) of(k snatSnatKey) *uint32 {
 // reads to skip lookups that cannot match.
 func (d *Dataplane) setRuleCounts(c snatSnatKindCounts) error {
 	c.Kept = snatKeptHosts4
+	if d.host4 != nil && d.host4.kept {
+		c.Kept = snatKeptTable4
+	}
 	if err := d.snat.SnatRuleCounts.Update(uint32(0), c, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("store the rule counts: %w", privHint(err))
 	}

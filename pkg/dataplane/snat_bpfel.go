@@ -55,6 +55,17 @@ type snatSnatHost4Key struct {
 	Pad   uint8
 }
 
+type snatSnatHost4Rule struct {
+	_     structs.HostLayout
+	Key   snatSnatHost4Key
+	Value snatSnatValue
+}
+
+type snatSnatHost4Slot struct {
+	_    structs.HostLayout
+	Rule uint32
+}
+
 type snatSnatKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -88,6 +99,8 @@ type snatSnatValue struct {
 const (
 	snatMapSnatCounters   = "snat_counters"
 	snatMapSnatFrags      = "snat_frags"
+	snatMapSnatHost4Rules = "snat_host4_rules"
+	snatMapSnatHost4Slots = "snat_host4_slots"
 	snatMapSnatHosts      = "snat_hosts"
 	snatMapSnatHosts4     = "snat_hosts4"
 	snatMapSnatRuleCounts = "snat_rule_counts"
@@ -149,6 +162,8 @@ type snatProgramSpecs struct {
 type snatMapSpecs struct {
 	SnatCounters   *ebpf.MapSpec `ebpf:"snat_counters"`
 	SnatFrags      *ebpf.MapSpec `ebpf:"snat_frags"`
+	SnatHost4Rules *ebpf.MapSpec `ebpf:"snat_host4_rules"`
+	SnatHost4Slots *ebpf.MapSpec `ebpf:"snat_host4_slots"`
 	SnatHosts      *ebpf.MapSpec `ebpf:"snat_hosts"`
 	SnatHosts4     *ebpf.MapSpec `ebpf:"snat_hosts4"`
 	SnatRuleCounts *ebpf.MapSpec `ebpf:"snat_rule_counts"`
@@ -186,6 +201,8 @@ func (o *snatObjects) Close() error {
 type snatMaps struct {
 	SnatCounters   *ebpf.Map `ebpf:"snat_counters"`
 	SnatFrags      *ebpf.Map `ebpf:"snat_frags"`
+	SnatHost4Rules *ebpf.Map `ebpf:"snat_host4_rules"`
+	SnatHost4Slots *ebpf.Map `ebpf:"snat_host4_slots"`
 	SnatHosts      *ebpf.Map `ebpf:"snat_hosts"`
 	SnatHosts4     *ebpf.Map `ebpf:"snat_hosts4"`
 	SnatRuleCounts *ebpf.Map `ebpf:"snat_rule_counts"`
@@ -197,6 +214,8 @@ func (m *snatMaps) Close() error {
 	return _SnatClose(
 		m.SnatCounters,
 		m.SnatFrags,
+		m.SnatHost4Rules,
+		m.SnatHost4Slots,
 		m.SnatHosts,
 		m.SnatHosts4,
 		m.SnatRuleCounts,

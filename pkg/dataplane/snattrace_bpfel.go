@@ -43,6 +43,17 @@ type snatTraceSnatHost4Key struct {
 	Pad   uint8
 }
 
+type snatTraceSnatHost4Rule struct {
+	_     structs.HostLayout
+	Key   snatTraceSnatHost4Key
+	Value snatTraceSnatValue
+}
+
+type snatTraceSnatHost4Slot struct {
+	_    structs.HostLayout
+	Rule uint32
+}
+
 type snatTraceSnatKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -117,6 +128,8 @@ const (
 const (
 	snatTraceMapSnatCounters     = "snat_counters"
 	snatTraceMapSnatFrags        = "snat_frags"
+	snatTraceMapSnatHost4Rules   = "snat_host4_rules"
+	snatTraceMapSnatHost4Slots   = "snat_host4_slots"
 	snatTraceMapSnatHosts        = "snat_hosts"
 	snatTraceMapSnatHosts4       = "snat_hosts4"
 	snatTraceMapSnatRuleCounts   = "snat_rule_counts"
@@ -185,6 +198,8 @@ type snatTraceProgramSpecs struct {
 type snatTraceMapSpecs struct {
 	SnatCounters   *ebpf.MapSpec `ebpf:"snat_counters"`
 	SnatFrags      *ebpf.MapSpec `ebpf:"snat_frags"`
+	SnatHost4Rules *ebpf.MapSpec `ebpf:"snat_host4_rules"`
+	SnatHost4Slots *ebpf.MapSpec `ebpf:"snat_host4_slots"`
 	SnatHosts      *ebpf.MapSpec `ebpf:"snat_hosts"`
 	SnatHosts4     *ebpf.MapSpec `ebpf:"snat_hosts4"`
 	SnatRuleCounts *ebpf.MapSpec `ebpf:"snat_rule_counts"`
@@ -229,6 +244,8 @@ func (o *snatTraceObjects) Close() error {
 type snatTraceMaps struct {
 	SnatCounters   *ebpf.Map `ebpf:"snat_counters"`
 	SnatFrags      *ebpf.Map `ebpf:"snat_frags"`
+	SnatHost4Rules *ebpf.Map `ebpf:"snat_host4_rules"`
+	SnatHost4Slots *ebpf.Map `ebpf:"snat_host4_slots"`
 	SnatHosts      *ebpf.Map `ebpf:"snat_hosts"`
 	SnatHosts4     *ebpf.Map `ebpf:"snat_hosts4"`
 	SnatRuleCounts *ebpf.Map `ebpf:"snat_rule_counts"`
@@ -241,6 +258,8 @@ func (m *snatTraceMaps) Close() error {
 	return _SnatTraceClose(
 		m.SnatCounters,
 		m.SnatFrags,
+		m.SnatHost4Rules,
+		m.SnatHost4Slots,
 		m.SnatHosts,
 		m.SnatHosts4,
 		m.SnatRuleCounts,
