@@ -48,22 +48,29 @@ struct {
 	__type(value, struct snat_value);
 } snat_hosts4 SEC(".maps");
 
-/* The IPv4 host rules once more, in an open-addressed table the program
- * probes itself: slot = multiplicative hash of the 8-byte key, then up to
- * HOST4_PROBES slots on; each slot names a rule id, whose entry in
- * snat_host4_rules holds the key (compared) and the target. Used only
- * when snat_rule_counts says SNAT_KEPT_TABLE4; snat_hosts4 otherwise.
- * Array lookups are inlined by the verifier: no jhash, no bucket walk, no
- * call. Programs read while user space writes (one map update per slot or
- * entry), so user space writes a rule's entry before the slot naming it,
- * marks a deleted rule's slot HOST4_SLOT_DELETED (a probe goes on past
- * it; slots become empty again only in a rebuild, which it does while the
- * counts say SNAT_KEPT_HOSTS4, a grace period after saying so), and
- * rewrites a deleted rule's entry only a grace period after the delete. A
- * slot read half-written names some other rule at worst, whose key then
- * does not compare equal. */
+/* The IPv4 rules of prefix length HOST4_MIN_BITS (24) to 32, expanded
+ * into an open-addressed table the program probes itself: one slot per key
+ * (address, sport or 0, proto) such a rule covers, naming the winner for
+ * that key (the longest such prefix of its sport|any and proto), so that a
+ * /28 (the usual router NAT rule) is found like a host rule, without the
+ * trie. Slot = multiplicative hash of the 8-byte key, then up to
+ * HOST4_PROBES slots on; a slot holds a rule id, whose entry in
+ * snat_host4_rules holds the rule's key, prefix mask and target (the
+ * packet's key must equal the rule's under the mask). Used only when
+ * snat_rule_counts says SNAT_KEPT_TABLE4; snat_hosts4 and the trie
+ * otherwise.
+ *
+ * Programs read while user space writes. User space writes a rule's entry
+ * before any slot names it; changes a slot with one 4-byte store (the map
+ * is mmapped: a program sees the old or the new winner, both right for a
+ * moment); marks a key that no rule of the table covers any more
+ * HOST4_SLOT_DELETED (a probe goes on past it; slots become empty again
+ * only in a rebuild, done while the counts say SNAT_KEPT_HOSTS4, a grace
+ * period after saying so); and rewrites a deleted rule's entry only a
+ * grace period after the delete. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, HOST4_SLOTS);
 	__type(key, __u32);
 	__type(value, struct snat_host4_slot);
@@ -75,6 +82,15 @@ struct {
 	__type(key, __u32);
 	__type(value, struct snat_host4_rule);
 } snat_host4_rules SEC(".maps");
+
+/* IPv4 rules by kind for the table (one slot): which probes and trie
+ * lookups can match. Read only at SNAT_KEPT_TABLE4. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct snat_table4_kind_counts);
+} snat_table4_counts SEC(".maps");
 
 /* Rule counts by kind (one slot), kept by user space under the state's
  * lock, so that the program skips lookups that cannot match. Without kept
@@ -151,8 +167,8 @@ static __always_inline struct snat_value *rule_lookup(const struct pkt *p, __be1
 	return bpf_map_lookup_elem(&snat_rules, &key);
 }
 
-/* host4_table_lookup finds the IPv4 host rule for k (struct
- * snat_host4_key as a little-endian u64) in snat_host4_slots. */
+/* host4_table_lookup finds the winning IPv4 rule (HOST4_MIN_BITS..32) for
+ * k (struct snat_host4_key as a little-endian u64) in snat_host4_slots. */
 static __always_inline struct snat_value *host4_table_lookup(__u64 k)
 {
 	__u32 h = (k * HOST4_HASH_MUL) >> (64 - HOST4_SLOTS_BITS);
@@ -162,31 +178,59 @@ static __always_inline struct snat_value *host4_table_lookup(__u64 k)
 		__u32 idx = (h + i) & (HOST4_SLOTS - 1);
 		struct snat_host4_slot *s = bpf_map_lookup_elem(&snat_host4_slots, &idx);
 
-		if (!s || s->rule == HOST4_SLOT_EMPTY)
+		if (!s)
 			return NULL;
-		if (s->rule == HOST4_SLOT_DELETED)
+		__u32 v = s->rule;
+
+		if (v == HOST4_SLOT_EMPTY)
+			return NULL;
+		if (v == HOST4_SLOT_DELETED)
 			continue;
-		__u32 id = s->rule - 1;
+		__u32 id = v - 1;
 		struct snat_host4_rule *e = bpf_map_lookup_elem(&snat_host4_rules, &id);
-		__u64 ek;
+		__u64 ek, m;
 
 		if (!e)
 			continue;
 		__builtin_memcpy(&ek, &e->key, sizeof(ek));
-		if (ek == k)
+		m = e->mask;
+		if ((k & m) == ek)
 			return &e->value;
 	}
 	return NULL;
 }
 
-static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be16 sport, __u32 kept)
+/* table4_match returns p's rule from the probed table (counts t), or NULL
+ * when no rule of the table covers p: then only the trie's shorter
+ * prefixes can, and *port_short, *any_short say which kinds exist. A hit
+ * beats every rule not in the table (all shorter). */
+static __always_inline struct snat_value *table4_match(const struct pkt *p, const struct snat_table4_kind_counts *t,
+						       __u32 *port_short, __u32 *any_short)
 {
-	if (p->family == SNAT_FAMILY_V4 && kept == SNAT_KEPT_TABLE4) {
-		__u32 a;
+	struct snat_value *exact = NULL, *any = NULL;
+	__u32 any_rules = t->any_rules;
+	__u32 a;
 
-		__builtin_memcpy(&a, p->saddr, sizeof(a));
-		return host4_table_lookup((__u64)a | (__u64)sport << 32 | (__u64)p->proto << 48);
+	*port_short = t->port_short;
+	*any_short = t->any_short;
+	__builtin_memcpy(&a, p->saddr, sizeof(a));
+	__u64 k = (__u64)a | (__u64)p->proto << 48;
+
+	if (p->sport && t->port_rules) {
+		exact = host4_table_lookup(k | (__u64)p->sport << 32);
+		/* A host rule for the port cannot be beaten. */
+		if (exact && exact->src_len == 32)
+			return exact;
 	}
+	if (any_rules)
+		any = host4_table_lookup(k);
+	if (exact && (!any || exact->src_len >= any->src_len))
+		return exact;
+	return any;
+}
+
+static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be16 sport)
+{
 	if (p->family == SNAT_FAMILY_V4) {
 		struct snat_host4_key k4 = {
 			.sport = sport,
@@ -209,10 +253,12 @@ static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be1
 
 /* rule_match returns the rule for p: the longest source prefix among the
  * rules for p's source port and the any-port rules; on equal prefixes the
- * rule naming the port wins. Host rules first (snat_hosts4 for IPv4,
- * snat_hosts for IPv6): a host rule for
- * the port cannot be beaten, and an any-port host rule only by that one.
- * The trie is walked only for the kinds of prefix rule that exist. */
+ * rule naming the port wins. IPv4 with the probed table kept: the table
+ * first (every rule /24../32, expanded), the trie only when it has no rule
+ * for p and shorter prefixes exist. Else host rules first (snat_hosts4
+ * for IPv4, snat_hosts for IPv6): a host rule for the port cannot be
+ * beaten, and an any-port host rule only by that one. The trie is walked
+ * only for the kinds of prefix rule that exist. */
 static __always_inline struct snat_value *rule_match(const struct pkt *p)
 {
 	struct snat_value *exact = NULL, *any = NULL;
@@ -221,26 +267,38 @@ static __always_inline struct snat_value *rule_match(const struct pkt *p)
 	/* Copied out: n is not kept live (spilled) across the lookups. */
 	__u32 kept = n ? n->kept : 0;
 
-	/* IPv4 host rules are in snat_hosts4 (and the probed table) only if
-	 * this lbctl keeps the counts; else the trie (always complete) decides. */
+	if (p->family == SNAT_FAMILY_V4 && kept == SNAT_KEPT_TABLE4) {
+		struct snat_table4_kind_counts *t = bpf_map_lookup_elem(&snat_table4_counts, &zero);
+
+		if (t) {
+			struct snat_value *r = table4_match(p, t, &port_prefixes, &any_prefixes);
+
+			if (r)
+				return r;
+			goto trie;
+		}
+	}
+	/* IPv4 host rules are in snat_hosts4 only if this lbctl keeps the
+	 * counts; else the trie (always complete) decides. */
 	if (n && (kept >= SNAT_KEPT_HOSTS4 || (kept && p->family == SNAT_FAMILY_V6))) {
 		__u32 any_hosts = n->any_hosts;
 
 		port_prefixes = n->port_prefixes;
 		any_prefixes = n->any_prefixes;
 		if (p->sport && n->port_hosts) {
-			exact = host_lookup(p, p->sport, kept);
+			exact = host_lookup(p, p->sport);
 			if (exact)
 				return exact;
 		}
 		if (any_hosts) {
-			any = host_lookup(p, 0, kept);
+			any = host_lookup(p, 0);
 			if (any)
 				return any;
 		}
 		/* Every host rule of p's family is in the host tables: the trie
 		 * can only add prefix rules (port_prefixes, any_prefixes). */
 	}
+trie:
 	if (p->sport && port_prefixes) {
 		exact = rule_lookup(p, p->sport);
 		/* A host prefix (/32, /128) cannot be beaten: skip the 2nd lookup. */

@@ -74,42 +74,70 @@ struct snat_host4_key {
 	__u8 pad;	/* 0 */
 };
 
-/* snat_host4_slots: an open-addressed table over the IPv4 host rules,
- * probed by the program without a helper (array lookups are inlined).
- * Slots: a power of 2, four per rule slot (at most a quarter full). */
+/* snat_host4_slots: an open-addressed table over the IPv4 rules of
+ * prefix length HOST4_MIN_BITS..32, expanded (controlled prefix expansion):
+ * one slot per key (address, sport or 0 for any port, proto) that such a
+ * rule covers, naming the rule that wins for that key (the longest prefix
+ * of that sport|any and proto covering the address). Probed by the program
+ * without a helper (array lookups are inlined). Slots: a power of 2, keys
+ * at most a quarter of them. */
 #ifndef HOST4_SLOTS_BITS
 #define HOST4_SLOTS_BITS 16
 #endif
 #define HOST4_SLOTS (1 << HOST4_SLOTS_BITS)
-/* Slots probed from a key's home slot: user space places every entry
- * within them or stops keeping the table. */
+/* Slots probed from a key's home slot: user space places every key within
+ * them or stops keeping the table. */
 #define HOST4_PROBES 8
 #define HOST4_HASH_MUL 0x9e3779b97f4a7c15ULL
+/* Shortest IPv4 prefix expanded into the table (a /24 takes 256 keys). */
+#define HOST4_MIN_BITS 24
 #define HOST4_SLOT_EMPTY 0		/* never used: the probe ends */
 #define HOST4_SLOT_DELETED 0xffffffff	/* was used: the probe goes on */
 
-/* Value of snat_host4_slots: which rule (snat_host4_rules index) lives here. */
+/* Value of snat_host4_slots. Written by user space with single 4-byte
+ * stores (the map is mmapped), so a program reads the old or the new
+ * value, never a mix. A probe compares the packet's key with the named
+ * rule's key under the rule's mask, so a slot of another key covered by
+ * the same rule would match too: it never lies on the probe's path. Keys
+ * one rule covers differ only in the last address byte (prefixes of
+ * HOST4_MIN_BITS or more, one port and proto), and the hash spreads those
+ * 256 keys at least 176 slots apart, far more than HOST4_PROBES
+ * (TestHost4HomesApart checks it). */
 struct snat_host4_slot {
 	__u32 rule;	/* rule_id + 1, or HOST4_SLOT_EMPTY, HOST4_SLOT_DELETED */
 };
 
-/* Value of snat_host4_rules, indexed by rule_id: an IPv4 host rule's key,
- * checked against the packet, and its target. */
+/* Value of snat_host4_rules, indexed by rule_id: a rule of the table, its
+ * key (masked address, sport, proto) and target. A packet's key k (struct
+ * snat_host4_key as a little-endian u64) is the rule's when
+ * (k & mask) == key. */
 struct snat_host4_rule {
 	struct snat_host4_key key __attribute__((aligned(8)));
+	__u64 mask;	/* the address bits of the prefix, all of sport and proto */
 	struct snat_value value;
+};
+
+/* Value of snat_table4_counts (one slot): the IPv4 rules by kind, read by
+ * a program that finds SNAT_KEPT_TABLE4 in snat_rule_counts (whose counts
+ * keep their older meaning for the programs of older lbctl versions). */
+struct snat_table4_kind_counts {
+	__u32 port_rules;	/* IPv4 rules /HOST4_MIN_BITS../32 naming a source port: in the table */
+	__u32 any_rules;	/* the same for any port */
+	__u32 port_short;	/* IPv4 rules naming a port, shorter: only in snat_rules */
+	__u32 any_short;	/* the same for any port */
 };
 
 /* Values of snat_kind_counts.kept. An lbctl that keeps the counts and
  * snat_hosts (both families) writes SNAT_KEPT_HOSTS; the next one also
  * keeps snat_hosts4 and writes SNAT_KEPT_HOSTS4; this one also keeps the
  * probed table (snat_host4_slots) and writes SNAT_KEPT_TABLE4, or
- * SNAT_KEPT_HOSTS4 while it rewrites the table or when a rule did not fit
+ * SNAT_KEPT_HOSTS4 while it rewrites the table or when a key did not fit
  * there. A program that reads SNAT_KEPT_HOSTS looks IPv4 host rules up in
  * the trie (snat_hosts4 may be stale); this program reads snat_hosts4 from
- * SNAT_KEPT_HOSTS4 up and the table only at SNAT_KEPT_TABLE4 (a program of
- * the previous lbctl, which wants exactly SNAT_KEPT_HOSTS4, then takes
- * IPv4 host rules from the trie: slower, still right). Programs of every
+ * SNAT_KEPT_HOSTS4 up and, for IPv4, the table (and snat_table4_counts)
+ * only at SNAT_KEPT_TABLE4 (a program of the previous lbctl, which wants
+ * exactly SNAT_KEPT_HOSTS4, then takes IPv4 host rules from the trie:
+ * slower, still right). Programs of every
  * kind treat any non-zero value as "counts exact, snat_hosts complete",
  * which every lbctl keeps true. */
 #define SNAT_KEPT_HOSTS 1

@@ -100,10 +100,13 @@ type Dataplane struct {
 	ruleIDs  *idAlloc // nil until first needed
 	// rules of each kind (snat_rule_counts), valid once ruleIDs is set
 	ruleCounts snatSnatKindCounts
-	// the probed IPv4 host rule table (snat_host4_slots); nil until
-	// synced, or when it could not be (then not kept)
-	host4 *host4Table
-	xdpst *xdpState // nil until XDP is first used (xdp.go)
+	// IPv4 rules by kind (snat_table4_counts), valid once ruleIDs is set
+	table4Counts snatSnatTable4KindCounts
+	// the probed IPv4 rule table (snat_host4_slots); nil until synced,
+	// or when it could not be (then not kept)
+	host4    *host4Table
+	host4Mem []byte    // snat_host4_slots mapped into memory (slotMem)
+	xdpst    *xdpState // nil until XDP is first used (xdp.go)
 }
 
 // Open mounts a bpffs at opts.Root if none is there, takes the state lock
@@ -165,6 +168,7 @@ func Open(opts Options) (*Dataplane, error) {
 
 // Close releases the maps and the lock; pinned state stays.
 func (d *Dataplane) Close() error {
+	d.unmapSlots()
 	d.snat.Close()
 	d.closeXDP()
 	d.steer.Close()
@@ -455,6 +459,6 @@ func (d *Dataplane) removeIfUnused() error {
 
 // maps lists every pinned map of every program.
 func (d *Dataplane) maps() []*ebpf.Map {
-	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatHosts4, d.snat.SnatHost4Slots, d.snat.SnatHost4Rules, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
+	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatHosts4, d.snat.SnatHost4Slots, d.snat.SnatHost4Rules, d.snat.SnatTable4Counts, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
 		d.steer.SteerUpstreams, d.steer.SteerCounters, d.steer.SteerFrags}
 }

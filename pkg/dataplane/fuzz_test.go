@@ -19,17 +19,25 @@ var fuzzRules = []SNATRule{
 	// backend4's own host rule: IPv4 port 53 packets from it take the
 	// probed host table (snat_host4_slots), the rest the trie.
 	{Src: netip.PrefixFrom(backend4.Addr(), 32), Proto: UDP, SPort: 53, To: vip4, ToPort: 5300},
+	// Prefixes /24../32 are expanded into that table too: the /28s
+	// (DESIGN's router NAT rule) and a /30 inside them, which wins its 4
+	// addresses over the /28 port rule (longer prefix).
 	{Src: net4, Proto: UDP, SPort: 53, To: vip4, ToPort: 5353},
+	{Src: netip.MustParsePrefix("198.19.16.12/30"), Proto: UDP, To: netip.MustParseAddr("198.18.98.11")},
 	{Src: net4, Proto: TCP, To: vip4},
+	// A prefix shorter than /24: only in the trie, walked when the table
+	// has no rule for the packet.
+	{Src: netip.MustParsePrefix("198.19.0.0/16"), Proto: UDP, SPort: 53, To: netip.MustParseAddr("198.18.98.12"), ToPort: 5354},
 	{Src: net6, Proto: UDP, To: vip6, ToPort: 5353},
 	{Src: net6, Proto: TCP, SPort: 53, To: vip6},
 }
 
 // FuzzSNAT feeds the program random frames and mutations of the table's
 // packets. Invariant: the output is the input, or the input with only the
-// source address (and port) rewritten to a rule's target, with the IPv4
-// header and L4 checksums still valid where they were valid before
-// (IPv4 UDP checksum 0 stays 0).
+// source address (and port) rewritten to a rule's target (for a datagram
+// that is not fragmented: the target of the rule refMatch picks), with
+// the IPv4 header and L4 checksums still valid where they were valid
+// before (IPv4 UDP checksum 0 stays 0).
 func FuzzSNAT(f *testing.F) {
 	for _, c := range append(matrixCases(), specialCases()...) {
 		f.Add(c.in)
@@ -37,6 +45,8 @@ func FuzzSNAT(f *testing.F) {
 	for _, p := range []pkt{
 		{src: backend4, dst: client4, proto: UDP, payload: make([]byte, 300), id: 1},
 		{src: backend6, dst: client6, proto: UDP, payload: make([]byte, 300), id: 2},
+		{src: netip.MustParseAddrPort("198.19.16.13:53"), dst: client4, proto: UDP, payload: make([]byte, 300), id: 3},
+		{src: netip.MustParseAddrPort("198.19.200.1:53"), dst: client4, proto: UDP, payload: make([]byte, 300), id: 4},
 	} {
 		for _, fr := range p.fragments(128) {
 			f.Add(fr)
@@ -192,6 +202,17 @@ func checkInvariant(in, out []byte) error {
 		oldPort, newPort := binary.BigEndian.Uint16(in[p.l4:]), binary.BigEndian.Uint16(out[p.l4:])
 		if oldPort != newPort && !slices.ContainsFunc(rules, func(r SNATRule) bool { return r.ToPort == newPort }) {
 			return fmt.Errorf("source port %d -> %d: no rule does that", oldPort, newPort)
+		}
+		// Rewritten, whole datagram: by the rule that wins it.
+		if !p.fragmented && src != oldSrc {
+			w, ok := refMatch(fuzzRules, netip.AddrPortFrom(oldSrc, oldPort), Proto(p.proto))
+			wantPort := w.ToPort
+			if wantPort == 0 {
+				wantPort = oldPort
+			}
+			if !ok || w.To != src || wantPort != newPort {
+				return fmt.Errorf("%s:%d -> %s:%d: the winning rule is %s (%v)", oldSrc, oldPort, src, newPort, w, ok)
+			}
 		}
 	}
 	if !p.v6 && ipv4HeaderOK(in[p.l3:p.l4]) && !ipv4HeaderOK(out[p.l3:p.l4]) {

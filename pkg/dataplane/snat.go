@@ -5,7 +5,7 @@ package dataplane
 // subregisters and jumps, Linux 5.1+; bpf2go defaults to v1) saves the
 // zero-extending shifts v1 code spends on every 32-bit value: about 1 ns
 // per packet on the hit path (docs/dataplane.md, Performance).
-//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_host4_key -type snat_host4_slot -type snat_host4_rule -type snat_kind_counts -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -mcpu=v3 -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
+//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_host4_key -type snat_host4_slot -type snat_host4_rule -type snat_table4_kind_counts -type snat_kind_counts -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -mcpu=v3 -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
 
 import (
 	"encoding/binary"
@@ -315,15 +315,16 @@ func (d *Dataplane) AttachSNAT(ifname string) (Method, error) {
 	opts := d.collectionOptions()
 	opts.Programs.KernelTypes = kernelTypes
 	opts.MapReplacements = map[string]*ebpf.Map{
-		snatMapSnatRules:      d.snat.SnatRules,
-		snatMapSnatHosts:      d.snat.SnatHosts,
-		snatMapSnatHosts4:     d.snat.SnatHosts4,
-		snatMapSnatHost4Slots: d.snat.SnatHost4Slots,
-		snatMapSnatHost4Rules: d.snat.SnatHost4Rules,
-		snatMapSnatRuleCounts: d.snat.SnatRuleCounts,
-		snatMapSnatRuleStats:  d.snat.SnatRuleStats,
-		snatMapSnatCounters:   d.snat.SnatCounters,
-		snatMapSnatFrags:      d.snat.SnatFrags,
+		snatMapSnatRules:        d.snat.SnatRules,
+		snatMapSnatHosts:        d.snat.SnatHosts,
+		snatMapSnatHosts4:       d.snat.SnatHosts4,
+		snatMapSnatHost4Slots:   d.snat.SnatHost4Slots,
+		snatMapSnatHost4Rules:   d.snat.SnatHost4Rules,
+		snatMapSnatTable4Counts: d.snat.SnatTable4Counts,
+		snatMapSnatRuleCounts:   d.snat.SnatRuleCounts,
+		snatMapSnatRuleStats:    d.snat.SnatRuleStats,
+		snatMapSnatCounters:     d.snat.SnatCounters,
+		snatMapSnatFrags:        d.snat.SnatFrags,
 	}
 	if err := spec.LoadAndAssign(&progs, opts); err != nil {
 		return "", loadErr("load snat program", d.dir, err)
@@ -376,17 +377,29 @@ func (d *Dataplane) AddSNAT(rule SNATRule) error {
 		}
 		return fmt.Errorf("add snat rule %s: %w", rule, privHint(err))
 	}
-	if hk, ok := hostKey(key); ok {
-		if err := d.putHost(hk, val); err != nil {
-			_ = d.delHost(hk, id)
-			_ = d.snat.SnatRules.Delete(&key)
-			ids.free(id)
-			return fmt.Errorf("add snat rule %s: %w", rule, err)
-		}
+	hk, host := hostKey(key)
+	var perr error
+	if host {
+		perr = d.putHost(hk, val)
 	}
-	c := d.ruleCounts
+	if perr == nil {
+		perr = d.putTable4(key, val)
+	}
+	if err := perr; err != nil {
+		_ = d.delTable4(key, id)
+		if host {
+			_ = d.delHost(hk, id)
+		}
+		_ = d.snat.SnatRules.Delete(&key)
+		ids.free(id)
+		return fmt.Errorf("add snat rule %s: %w", rule, err)
+	}
+	c, t4 := d.ruleCounts, d.table4Counts
 	*c.of(key) += 1
-	if err := d.setRuleCounts(c); err != nil {
+	if n := t4.of(key); n != nil {
+		*n += 1
+	}
+	if err := d.setRuleCounts(c, t4); err != nil {
 		return fmt.Errorf("add snat rule %s: %w", rule, err)
 	}
 	return nil
@@ -416,13 +429,19 @@ func (d *Dataplane) DelSNAT(rule SNATRule) (err error) {
 			return fmt.Errorf("delete snat rule %s: %w", rule, err)
 		}
 	}
-	c := d.ruleCounts
+	if err := d.delTable4(key, val.RuleId); err != nil {
+		return fmt.Errorf("delete snat rule %s: %w", rule, err)
+	}
+	c, t4 := d.ruleCounts, d.table4Counts
 	*c.of(key) -= 1
+	if n := t4.of(key); n != nil {
+		*n -= 1
+	}
 	// The counts go down once the rule is gone; a count left too high (a
 	// failed delete) only costs a lookup, never a missed rule.
 	defer func() {
 		if err == nil {
-			err = d.setRuleCounts(c)
+			err = d.setRuleCounts(c, t4)
 		}
 	}()
 	if err := d.snat.SnatRules.Delete(&key); err != nil {
@@ -525,21 +544,17 @@ func (d *Dataplane) putHost(hk snatSnatKey, v snatSnatValue) error {
 		if err := d.snat.SnatHosts4.Update(&k4, &v, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("host rule table snat_hosts4: %w", privHint(err))
 		}
-		return d.putHost4Table(k4, v)
 	}
 	return nil
 }
 
-// delHost removes the host rule hk (a hostKey, rule id) from snat_hosts,
-// snat_hosts4 and snat_host4_slots; an absent entry is no error.
+// delHost removes the host rule hk (a hostKey, rule id) from snat_hosts
+// and snat_hosts4; an absent entry is no error.
 func (d *Dataplane) delHost(hk snatSnatKey, id uint32) error {
 	if err := d.snat.SnatHosts.Delete(&hk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("host rule table snat_hosts: %w", privHint(err))
 	}
 	if k4, ok := host4Key(hk); ok {
-		if err := d.delHost4Table(k4, id); err != nil {
-			return err
-		}
 		if err := d.snat.SnatHosts4.Delete(&k4); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("host rule table snat_hosts4: %w", privHint(err))
 		}
@@ -559,10 +574,11 @@ func (d *Dataplane) syncHosts() error {
 		k4 snatSnatHost4Key
 		v  snatSnatValue
 		c  snatSnatKindCounts
+		t4 snatSnatTable4KindCounts
 	)
 	inTrie := map[snatSnatKey]bool{}
 	in4 := map[snatSnatHost4Key]bool{}
-	rules4 := map[snatSnatHost4Key]snatSnatValue{}
+	rules4 := map[table4Rule]snatSnatValue{}
 	d.host4 = nil // not kept while rebuilt
 	it := d.snat.SnatRules.Iterate()
 	for it.Next(&k, &v) {
@@ -573,10 +589,15 @@ func (d *Dataplane) syncHosts() error {
 			inTrie[hk] = true
 			if k4, ok := host4Key(hk); ok {
 				in4[k4] = true
-				rules4[k4] = v
 			}
 		}
+		if r, ok := table4RuleOf(k); ok {
+			rules4[r] = v
+		}
 		*c.of(k) += 1
+		if n := t4.of(k); n != nil {
+			*n += 1
+		}
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("copy host rules: %w", privHint(err))
@@ -590,18 +611,18 @@ func (d *Dataplane) syncHosts() error {
 	// The counts say SNAT_KEPT_HOSTS4 (snat_hosts4 complete) before the
 	// probed table is rewritten, and a grace period passes in between: no
 	// program reads the table while it changes.
-	if err := d.setRuleCounts(c); err != nil {
+	if err := d.setRuleCounts(c, t4); err != nil {
 		return err
 	}
 	if err := graceSync(); err != nil {
-		d.log.Info("IPv4 host rule table not kept: cannot wait for running programs", zap.Error(err))
+		d.log.Info("IPv4 rule table not kept: cannot wait for running programs", zap.Error(err))
 		return nil
 	}
 	if err := d.rebuildHost4Table(rules4); err != nil {
+		d.log.Info("IPv4 rule table not kept", zap.Error(err))
 		d.host4 = nil
-		return err
 	}
-	return d.setRuleCounts(c)
+	return d.setRuleCounts(c, t4)
 }
 
 // deleteStale deletes from the host rule table m every key not in keep.
@@ -639,8 +660,13 @@ func (c *snatSnatKindCounts) of(k snatSnatKey) *uint32 {
 }
 
 // setRuleCounts stores the numbers of rules of each kind, which the program
-// reads to skip lookups that cannot match.
-func (d *Dataplane) setRuleCounts(c snatSnatKindCounts) error {
+// reads to skip lookups that cannot match: the IPv4 kinds of the probed
+// table first, then the counts that say whether it is kept.
+func (d *Dataplane) setRuleCounts(c snatSnatKindCounts, t4 snatSnatTable4KindCounts) error {
+	if err := d.snat.SnatTable4Counts.Update(uint32(0), t4, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("store the rule counts: %w", privHint(err))
+	}
+	d.table4Counts = t4
 	c.Kept = snatKeptHosts4
 	if d.host4 != nil && d.host4.kept {
 		c.Kept = snatKeptTable4
