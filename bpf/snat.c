@@ -83,15 +83,6 @@ struct {
 	__type(value, struct snat_host4_rule);
 } snat_host4_rules SEC(".maps");
 
-/* IPv4 rules by kind for the table (one slot): which probes and trie
- * lookups can match. Read only at SNAT_KEPT_TABLE4. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct snat_table4_kind_counts);
-} snat_table4_counts SEC(".maps");
-
 /* Rule counts by kind (one slot), kept by user space under the state's
  * lock, so that the program skips lookups that cannot match. Without kept
  * (state from an lbctl that kept no counts) snat_hosts is skipped and
@@ -200,23 +191,19 @@ static __always_inline struct snat_value *host4_table_lookup(__u64 k)
 	return NULL;
 }
 
-/* table4_match returns p's rule from the probed table (counts t), or NULL
- * when no rule of the table covers p: then only the trie's shorter
- * prefixes can, and *port_short, *any_short say which kinds exist. A hit
- * beats every rule not in the table (all shorter). */
-static __always_inline struct snat_value *table4_match(const struct pkt *p, const struct snat_table4_kind_counts *t,
-						       __u32 *port_short, __u32 *any_short)
+/* table4_match returns p's rule from the probed table, or NULL when no
+ * rule of the table covers p. port_rules, any_rules: whether IPv4 port
+ * and any-port rules /24../32 exist (kept's flags). A hit beats every rule
+ * not in the table (all shorter). */
+static __always_inline struct snat_value *table4_match(const struct pkt *p, __u32 port_rules, __u32 any_rules)
 {
 	struct snat_value *exact = NULL, *any = NULL;
-	__u32 any_rules = t->any_rules;
 	__u32 a;
 
-	*port_short = t->port_short;
-	*any_short = t->any_short;
 	__builtin_memcpy(&a, p->saddr, sizeof(a));
 	__u64 k = (__u64)a | (__u64)p->proto << 48;
 
-	if (p->sport && t->port_rules) {
+	if (p->sport && port_rules) {
 		exact = host4_table_lookup(k | (__u64)p->sport << 32);
 		/* A host rule for the port cannot be beaten. */
 		if (exact && exact->src_len == 32)
@@ -255,7 +242,7 @@ static __always_inline struct snat_value *host_lookup(const struct pkt *p, __be1
  * rules for p's source port and the any-port rules; on equal prefixes the
  * rule naming the port wins. IPv4 with the probed table kept: the table
  * first (every rule /24../32, expanded), the trie only when it has no rule
- * for p and shorter prefixes exist. Else host rules first (snat_hosts4
+ * for p and shorter prefixes exist (kept's SNAT_KEPT_T4_* flags). Else host rules first (snat_hosts4
  * for IPv4, snat_hosts for IPv6): a host rule for the port cannot be
  * beaten, and an any-port host rule only by that one. The trie is walked
  * only for the kinds of prefix rule that exist. */
@@ -267,16 +254,14 @@ static __always_inline struct snat_value *rule_match(const struct pkt *p)
 	/* Copied out: n is not kept live (spilled) across the lookups. */
 	__u32 kept = n ? n->kept : 0;
 
-	if (p->family == SNAT_FAMILY_V4 && kept == SNAT_KEPT_TABLE4) {
-		struct snat_table4_kind_counts *t = bpf_map_lookup_elem(&snat_table4_counts, &zero);
+	if (p->family == SNAT_FAMILY_V4 && (kept & SNAT_KEPT_LEVEL) == SNAT_KEPT_TABLE4) {
+		struct snat_value *r = table4_match(p, kept & SNAT_KEPT_T4_PORT, kept & SNAT_KEPT_T4_ANY);
 
-		if (t) {
-			struct snat_value *r = table4_match(p, t, &port_prefixes, &any_prefixes);
-
-			if (r)
-				return r;
-			goto trie;
-		}
+		if (r)
+			return r;
+		port_prefixes = kept & SNAT_KEPT_T4_PORT_SHORT;
+		any_prefixes = kept & SNAT_KEPT_T4_ANY_SHORT;
+		goto trie;
 	}
 	/* IPv4 host rules are in snat_hosts4 only if this lbctl keeps the
 	 * counts; else the trie (always complete) decides. */

@@ -117,16 +117,6 @@ struct snat_host4_rule {
 	struct snat_value value;
 };
 
-/* Value of snat_table4_counts (one slot): the IPv4 rules by kind, read by
- * a program that finds SNAT_KEPT_TABLE4 in snat_rule_counts (whose counts
- * keep their older meaning for the programs of older lbctl versions). */
-struct snat_table4_kind_counts {
-	__u32 port_rules;	/* IPv4 rules /HOST4_MIN_BITS../32 naming a source port: in the table */
-	__u32 any_rules;	/* the same for any port */
-	__u32 port_short;	/* IPv4 rules naming a port, shorter: only in snat_rules */
-	__u32 any_short;	/* the same for any port */
-};
-
 /* Values of snat_kind_counts.kept. An lbctl that keeps the counts and
  * snat_hosts (both families) writes SNAT_KEPT_HOSTS; the next one also
  * keeps snat_hosts4 and writes SNAT_KEPT_HOSTS4; this one also keeps the
@@ -134,8 +124,8 @@ struct snat_table4_kind_counts {
  * SNAT_KEPT_HOSTS4 while it rewrites the table or when a key did not fit
  * there. A program that reads SNAT_KEPT_HOSTS looks IPv4 host rules up in
  * the trie (snat_hosts4 may be stale); this program reads snat_hosts4 from
- * SNAT_KEPT_HOSTS4 up and, for IPv4, the table (and snat_table4_counts)
- * only at SNAT_KEPT_TABLE4 (a program of the previous lbctl, which wants
+ * SNAT_KEPT_HOSTS4 up and, for IPv4, the table only at SNAT_KEPT_TABLE4
+ * (with the flags below; a program of the previous lbctl, which wants
  * exactly SNAT_KEPT_HOSTS4, then takes IPv4 host rules from the trie:
  * slower, still right). Programs of every
  * kind treat any non-zero value as "counts exact, snat_hosts complete",
@@ -143,6 +133,19 @@ struct snat_table4_kind_counts {
 #define SNAT_KEPT_HOSTS 1
 #define SNAT_KEPT_HOSTS4 2
 #define SNAT_KEPT_TABLE4 3
+/* With SNAT_KEPT_TABLE4 (the low 4 bits, SNAT_KEPT_LEVEL), kept says too
+ * which IPv4 lookups can match: the program reads that in the one lookup
+ * it makes anyway (a map of its own would cost about 1 ns more per IPv4
+ * packet). All in kept's low byte, which a program never reads half
+ * written. Programs of older lbctl versions see a kept that is neither 0
+ * nor SNAT_KEPT_HOSTS4: counts exact, snat_hosts complete, IPv4 from the
+ * trie, as with 3 alone. The counts above keep their meaning (every
+ * family, host vs prefix). */
+#define SNAT_KEPT_LEVEL 0x0f
+#define SNAT_KEPT_T4_PORT 0x10		/* IPv4 port rules /24../32 exist: probe (address, port) */
+#define SNAT_KEPT_T4_ANY 0x20		/* IPv4 any-port rules /24../32 exist: probe (address, 0) */
+#define SNAT_KEPT_T4_PORT_SHORT 0x40	/* IPv4 port rules /0../23 exist: the trie */
+#define SNAT_KEPT_T4_ANY_SHORT 0x80	/* IPv4 any-port rules /0../23 exist: the trie */
 
 /* Value of snat_rule_counts (one slot): how many rules of each kind exist,
  * so that snat skips lookups that cannot match. Kept by user space; kept is

@@ -100,8 +100,9 @@ type Dataplane struct {
 	ruleIDs  *idAlloc // nil until first needed
 	// rules of each kind (snat_rule_counts), valid once ruleIDs is set
 	ruleCounts snatSnatKindCounts
-	// IPv4 rules by kind (snat_table4_counts), valid once ruleIDs is set
-	table4Counts snatSnatTable4KindCounts
+	// IPv4 rules by kind (the flags of snat_rule_counts.kept), valid once
+	// ruleIDs is set
+	table4Counts table4Counts
 	// the probed IPv4 rule table (snat_host4_slots); nil until synced,
 	// or when it could not be (then not kept)
 	host4    *host4Table
@@ -459,6 +460,6 @@ func (d *Dataplane) removeIfUnused() error {
 
 // maps lists every pinned map of every program.
 func (d *Dataplane) maps() []*ebpf.Map {
-	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatHosts4, d.snat.SnatHost4Slots, d.snat.SnatHost4Rules, d.snat.SnatTable4Counts, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
+	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatHosts4, d.snat.SnatHost4Slots, d.snat.SnatHost4Rules, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
 		d.steer.SteerUpstreams, d.steer.SteerCounters, d.steer.SteerFrags}
 }

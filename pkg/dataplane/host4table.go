@@ -29,9 +29,16 @@ const (
 	host4SlotBytes = 8                // an array map's element stride (value size rounded up to 8)
 	host4KeyMask   = 0xffffffff << 32 // the sport, proto and pad bits of a table key
 	// snatKeptTable4 is SNAT_KEPT_TABLE4: snat_host4_slots holds every
-	// IPv4 rule /24../32, expanded, and snat_table4_counts is exact (and
-	// everything SNAT_KEPT_HOSTS4 says).
+	// IPv4 rule /24../32, expanded, and kept's flags (snatKeptT4*) say
+	// which IPv4 lookups can match (and everything SNAT_KEPT_HOSTS4 says).
 	snatKeptTable4 = 3
+	snatKeptLevel  = 0x0f // SNAT_KEPT_LEVEL
+	// SNAT_KEPT_T4_*: IPv4 port and any-port rules /24../32 (the table),
+	// and shorter (the trie), exist.
+	snatKeptT4Port      = 0x10
+	snatKeptT4Any       = 0x20
+	snatKeptT4PortShort = 0x40
+	snatKeptT4AnyShort  = 0x80
 )
 
 // host4Word is k as the program reads it: the 8-byte key as a
@@ -164,14 +171,19 @@ func (t *host4Table) add(r table4Rule, id uint32) ([]uint32, bool) {
 	if len(t.pos)+len(fresh) > host4MaxKeys {
 		return nil, false
 	}
-	taken := map[uint32]bool{}
+	var taken map[uint32]bool // slots given to this rule's earlier keys
+	if len(fresh) > 1 {
+		taken = make(map[uint32]bool, len(fresh))
+	}
 	places := make([]uint32, len(fresh))
 	for j, k := range fresh {
 		s, ok := t.place(k, taken)
 		if !ok {
 			return nil, false
 		}
-		taken[s] = true
+		if taken != nil {
+			taken[s] = true
+		}
 		places[j] = s
 	}
 	t.rules[r] = id
@@ -415,9 +427,28 @@ func (d *Dataplane) rebuildHost4Table(rules map[table4Rule]snatSnatValue) error 
 	return d.writeSlots(all)
 }
 
-// of returns the count of the kind of rule k is in snat_table4_counts, or
-// nil for an IPv6 rule.
-func (c *snatSnatTable4KindCounts) of(k snatSnatKey) *uint32 {
+// table4Counts counts the IPv4 rules by kind, for kept's flags.
+type table4Counts struct {
+	PortRules, AnyRules uint32 // /24../32: in the table
+	PortShort, AnyShort uint32 // shorter: only in the trie
+}
+
+// flags returns kept's SNAT_KEPT_T4_* flags for c.
+func (c table4Counts) flags() uint32 {
+	var f uint32
+	for _, b := range []struct {
+		n    uint32
+		flag uint32
+	}{{c.PortRules, snatKeptT4Port}, {c.AnyRules, snatKeptT4Any}, {c.PortShort, snatKeptT4PortShort}, {c.AnyShort, snatKeptT4AnyShort}} {
+		if b.n > 0 {
+			f |= b.flag
+		}
+	}
+	return f
+}
+
+// of returns the count of the kind of rule k is, or nil for an IPv6 rule.
+func (c *table4Counts) of(k snatSnatKey) *uint32 {
 	if k.Family != familyV4 {
 		return nil
 	}

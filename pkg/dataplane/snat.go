@@ -5,7 +5,7 @@ package dataplane
 // subregisters and jumps, Linux 5.1+; bpf2go defaults to v1) saves the
 // zero-extending shifts v1 code spends on every 32-bit value: about 1 ns
 // per packet on the hit path (docs/dataplane.md, Performance).
-//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_host4_key -type snat_host4_slot -type snat_host4_rule -type snat_table4_kind_counts -type snat_kind_counts -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -mcpu=v3 -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
+//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_host4_key -type snat_host4_slot -type snat_host4_rule -type snat_kind_counts -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -mcpu=v3 -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
 
 import (
 	"encoding/binary"
@@ -315,16 +315,15 @@ func (d *Dataplane) AttachSNAT(ifname string) (Method, error) {
 	opts := d.collectionOptions()
 	opts.Programs.KernelTypes = kernelTypes
 	opts.MapReplacements = map[string]*ebpf.Map{
-		snatMapSnatRules:        d.snat.SnatRules,
-		snatMapSnatHosts:        d.snat.SnatHosts,
-		snatMapSnatHosts4:       d.snat.SnatHosts4,
-		snatMapSnatHost4Slots:   d.snat.SnatHost4Slots,
-		snatMapSnatHost4Rules:   d.snat.SnatHost4Rules,
-		snatMapSnatTable4Counts: d.snat.SnatTable4Counts,
-		snatMapSnatRuleCounts:   d.snat.SnatRuleCounts,
-		snatMapSnatRuleStats:    d.snat.SnatRuleStats,
-		snatMapSnatCounters:     d.snat.SnatCounters,
-		snatMapSnatFrags:        d.snat.SnatFrags,
+		snatMapSnatRules:      d.snat.SnatRules,
+		snatMapSnatHosts:      d.snat.SnatHosts,
+		snatMapSnatHosts4:     d.snat.SnatHosts4,
+		snatMapSnatHost4Slots: d.snat.SnatHost4Slots,
+		snatMapSnatHost4Rules: d.snat.SnatHost4Rules,
+		snatMapSnatRuleCounts: d.snat.SnatRuleCounts,
+		snatMapSnatRuleStats:  d.snat.SnatRuleStats,
+		snatMapSnatCounters:   d.snat.SnatCounters,
+		snatMapSnatFrags:      d.snat.SnatFrags,
 	}
 	if err := spec.LoadAndAssign(&progs, opts); err != nil {
 		return "", loadErr("load snat program", d.dir, err)
@@ -574,7 +573,7 @@ func (d *Dataplane) syncHosts() error {
 		k4 snatSnatHost4Key
 		v  snatSnatValue
 		c  snatSnatKindCounts
-		t4 snatSnatTable4KindCounts
+		t4 table4Counts
 	)
 	inTrie := map[snatSnatKey]bool{}
 	in4 := map[snatSnatHost4Key]bool{}
@@ -662,14 +661,11 @@ func (c *snatSnatKindCounts) of(k snatSnatKey) *uint32 {
 // setRuleCounts stores the numbers of rules of each kind, which the program
 // reads to skip lookups that cannot match: the IPv4 kinds of the probed
 // table first, then the counts that say whether it is kept.
-func (d *Dataplane) setRuleCounts(c snatSnatKindCounts, t4 snatSnatTable4KindCounts) error {
-	if err := d.snat.SnatTable4Counts.Update(uint32(0), t4, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("store the rule counts: %w", privHint(err))
-	}
+func (d *Dataplane) setRuleCounts(c snatSnatKindCounts, t4 table4Counts) error {
 	d.table4Counts = t4
 	c.Kept = snatKeptHosts4
 	if d.host4 != nil && d.host4.kept {
-		c.Kept = snatKeptTable4
+		c.Kept = snatKeptTable4 | t4.flags()
 	}
 	if err := d.snat.SnatRuleCounts.Update(uint32(0), c, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("store the rule counts: %w", privHint(err))

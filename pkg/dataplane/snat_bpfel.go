@@ -85,14 +85,6 @@ type snatSnatKindCounts struct {
 	Kept         uint32
 }
 
-type snatSnatTable4KindCounts struct {
-	_         structs.HostLayout
-	PortRules uint32
-	AnyRules  uint32
-	PortShort uint32
-	AnyShort  uint32
-}
-
 type snatSnatValue struct {
 	_      structs.HostLayout
 	Addr   [16]uint8
@@ -106,19 +98,18 @@ type snatSnatValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	snatMapSnatCounters     = "snat_counters"
-	snatMapSnatFrags        = "snat_frags"
-	snatMapSnatHost4Rules   = "snat_host4_rules"
-	snatMapSnatHost4Slots   = "snat_host4_slots"
-	snatMapSnatHosts        = "snat_hosts"
-	snatMapSnatHosts4       = "snat_hosts4"
-	snatMapSnatRuleCounts   = "snat_rule_counts"
-	snatMapSnatRuleStats    = "snat_rule_stats"
-	snatMapSnatRules        = "snat_rules"
-	snatMapSnatTable4Counts = "snat_table4_counts"
-	snatProgSnatEgress      = "snat_egress"
-	snatVarSnatCounterBtf   = "snat_counter_btf"
-	snatVarSnatCsumHelper   = "snat_csum_helper"
+	snatMapSnatCounters   = "snat_counters"
+	snatMapSnatFrags      = "snat_frags"
+	snatMapSnatHost4Rules = "snat_host4_rules"
+	snatMapSnatHost4Slots = "snat_host4_slots"
+	snatMapSnatHosts      = "snat_hosts"
+	snatMapSnatHosts4     = "snat_hosts4"
+	snatMapSnatRuleCounts = "snat_rule_counts"
+	snatMapSnatRuleStats  = "snat_rule_stats"
+	snatMapSnatRules      = "snat_rules"
+	snatProgSnatEgress    = "snat_egress"
+	snatVarSnatCounterBtf = "snat_counter_btf"
+	snatVarSnatCsumHelper = "snat_csum_helper"
 )
 
 // loadSnat returns the embedded CollectionSpec for snat.
@@ -170,16 +161,15 @@ type snatProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type snatMapSpecs struct {
-	SnatCounters     *ebpf.MapSpec `ebpf:"snat_counters"`
-	SnatFrags        *ebpf.MapSpec `ebpf:"snat_frags"`
-	SnatHost4Rules   *ebpf.MapSpec `ebpf:"snat_host4_rules"`
-	SnatHost4Slots   *ebpf.MapSpec `ebpf:"snat_host4_slots"`
-	SnatHosts        *ebpf.MapSpec `ebpf:"snat_hosts"`
-	SnatHosts4       *ebpf.MapSpec `ebpf:"snat_hosts4"`
-	SnatRuleCounts   *ebpf.MapSpec `ebpf:"snat_rule_counts"`
-	SnatRuleStats    *ebpf.MapSpec `ebpf:"snat_rule_stats"`
-	SnatRules        *ebpf.MapSpec `ebpf:"snat_rules"`
-	SnatTable4Counts *ebpf.MapSpec `ebpf:"snat_table4_counts"`
+	SnatCounters   *ebpf.MapSpec `ebpf:"snat_counters"`
+	SnatFrags      *ebpf.MapSpec `ebpf:"snat_frags"`
+	SnatHost4Rules *ebpf.MapSpec `ebpf:"snat_host4_rules"`
+	SnatHost4Slots *ebpf.MapSpec `ebpf:"snat_host4_slots"`
+	SnatHosts      *ebpf.MapSpec `ebpf:"snat_hosts"`
+	SnatHosts4     *ebpf.MapSpec `ebpf:"snat_hosts4"`
+	SnatRuleCounts *ebpf.MapSpec `ebpf:"snat_rule_counts"`
+	SnatRuleStats  *ebpf.MapSpec `ebpf:"snat_rule_stats"`
+	SnatRules      *ebpf.MapSpec `ebpf:"snat_rules"`
 }
 
 // snatVariableSpecs contains global variables before they are loaded into the kernel.
@@ -210,16 +200,15 @@ func (o *snatObjects) Close() error {
 //
 // It can be passed to loadSnatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type snatMaps struct {
-	SnatCounters     *ebpf.Map `ebpf:"snat_counters"`
-	SnatFrags        *ebpf.Map `ebpf:"snat_frags"`
-	SnatHost4Rules   *ebpf.Map `ebpf:"snat_host4_rules"`
-	SnatHost4Slots   *ebpf.Map `ebpf:"snat_host4_slots"`
-	SnatHosts        *ebpf.Map `ebpf:"snat_hosts"`
-	SnatHosts4       *ebpf.Map `ebpf:"snat_hosts4"`
-	SnatRuleCounts   *ebpf.Map `ebpf:"snat_rule_counts"`
-	SnatRuleStats    *ebpf.Map `ebpf:"snat_rule_stats"`
-	SnatRules        *ebpf.Map `ebpf:"snat_rules"`
-	SnatTable4Counts *ebpf.Map `ebpf:"snat_table4_counts"`
+	SnatCounters   *ebpf.Map `ebpf:"snat_counters"`
+	SnatFrags      *ebpf.Map `ebpf:"snat_frags"`
+	SnatHost4Rules *ebpf.Map `ebpf:"snat_host4_rules"`
+	SnatHost4Slots *ebpf.Map `ebpf:"snat_host4_slots"`
+	SnatHosts      *ebpf.Map `ebpf:"snat_hosts"`
+	SnatHosts4     *ebpf.Map `ebpf:"snat_hosts4"`
+	SnatRuleCounts *ebpf.Map `ebpf:"snat_rule_counts"`
+	SnatRuleStats  *ebpf.Map `ebpf:"snat_rule_stats"`
+	SnatRules      *ebpf.Map `ebpf:"snat_rules"`
 }
 
 func (m *snatMaps) Close() error {
@@ -233,7 +222,6 @@ func (m *snatMaps) Close() error {
 		m.SnatRuleCounts,
 		m.SnatRuleStats,
 		m.SnatRules,
-		m.SnatTable4Counts,
 	)
 }
 

@@ -72,6 +72,7 @@ func newTestProgCsum(tb testing.TB, mode csumMode) *testProg {
 	}
 	tb.Cleanup(func() { tp.objs.Close() })
 	tp.d = &Dataplane{log: zap.NewNop(), snat: tp.objs.snatMaps}
+	tb.Cleanup(tp.d.unmapSlots) // before the maps close (cleanups run last first)
 	return tp
 }
 
@@ -586,7 +587,7 @@ func TestSNATHostTable(t *testing.T) {
 		t.Fatalf("after deleting the host rule, want the /28 rule:%s", d)
 	}
 	var n snatSnatKindCounts
-	if err := tp.objs.SnatRuleCounts.Lookup(uint32(0), &n); err != nil || n != (snatSnatKindCounts{AnyHosts: 1, PortPrefixes: 1, Kept: snatKeptTable4}) {
+	if err := tp.objs.SnatRuleCounts.Lookup(uint32(0), &n); err != nil || n != (snatSnatKindCounts{AnyHosts: 1, PortPrefixes: 1, Kept: snatKeptTable4 | snatKeptT4Port}) {
 		t.Fatalf("snat_rule_counts = %+v (%v), want 1 any-port host rule and 1 prefix rule", n, err)
 	}
 	// Counts kept by an lbctl without snat_hosts4 (SNAT_KEPT_HOSTS): a
@@ -678,18 +679,18 @@ func TestSNATPrefixKinds(t *testing.T) {
 	any24 := SNATRule{Src: netip.MustParsePrefix("198.19.16.0/24"), Proto: UDP, To: b}
 
 	tp.add(t, port28)
-	counts(snatSnatKindCounts{PortPrefixes: 1, Kept: snatKeptTable4})
+	counts(snatSnatKindCounts{PortPrefixes: 1, Kept: snatKeptTable4 | snatKeptT4Port})
 	expect(on53, rewrite(on53, a, 0), "port 53 with the /28 port rule alone")
 	expect(on54, on54, "port 54 with the /28 port-53 rule alone")
 
 	tp.add(t, any24)
-	counts(snatSnatKindCounts{PortPrefixes: 1, AnyPrefixes: 1, Kept: snatKeptTable4})
+	counts(snatSnatKindCounts{PortPrefixes: 1, AnyPrefixes: 1, Kept: snatKeptTable4 | snatKeptT4Port | snatKeptT4Any})
 	expect(on54, rewrite(on54, b, 0), "port 54 with an any-port /24 next to the /28")
 	expect(on53, rewrite(on53, a, 0), "port 53: the longer /28 port rule beats the /24")
 
 	if err := tp.d.DelSNAT(port28); err != nil {
 		t.Fatal(err)
 	}
-	counts(snatSnatKindCounts{AnyPrefixes: 1, Kept: snatKeptTable4})
+	counts(snatSnatKindCounts{AnyPrefixes: 1, Kept: snatKeptTable4 | snatKeptT4Any})
 	expect(on53, rewrite(on53, b, 0), "port 53 after deleting the /28: the any-port /24")
 }

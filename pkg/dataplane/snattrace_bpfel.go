@@ -73,14 +73,6 @@ type snatTraceSnatKindCounts struct {
 	Kept         uint32
 }
 
-type snatTraceSnatTable4KindCounts struct {
-	_         structs.HostLayout
-	PortRules uint32
-	AnyRules  uint32
-	PortShort uint32
-	AnyShort  uint32
-}
-
 type snatTraceSnatValue struct {
 	_      structs.HostLayout
 	Addr   [16]uint8
@@ -144,7 +136,6 @@ const (
 	snatTraceMapSnatRuleCounts   = "snat_rule_counts"
 	snatTraceMapSnatRuleStats    = "snat_rule_stats"
 	snatTraceMapSnatRules        = "snat_rules"
-	snatTraceMapSnatTable4Counts = "snat_table4_counts"
 	snatTraceMapTraceEvents      = "trace_events"
 	snatTraceProgSnatEgress      = "snat_egress"
 	snatTraceVarSnatCounterBtf   = "snat_counter_btf"
@@ -206,17 +197,16 @@ type snatTraceProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type snatTraceMapSpecs struct {
-	SnatCounters     *ebpf.MapSpec `ebpf:"snat_counters"`
-	SnatFrags        *ebpf.MapSpec `ebpf:"snat_frags"`
-	SnatHost4Rules   *ebpf.MapSpec `ebpf:"snat_host4_rules"`
-	SnatHost4Slots   *ebpf.MapSpec `ebpf:"snat_host4_slots"`
-	SnatHosts        *ebpf.MapSpec `ebpf:"snat_hosts"`
-	SnatHosts4       *ebpf.MapSpec `ebpf:"snat_hosts4"`
-	SnatRuleCounts   *ebpf.MapSpec `ebpf:"snat_rule_counts"`
-	SnatRuleStats    *ebpf.MapSpec `ebpf:"snat_rule_stats"`
-	SnatRules        *ebpf.MapSpec `ebpf:"snat_rules"`
-	SnatTable4Counts *ebpf.MapSpec `ebpf:"snat_table4_counts"`
-	TraceEvents      *ebpf.MapSpec `ebpf:"trace_events"`
+	SnatCounters   *ebpf.MapSpec `ebpf:"snat_counters"`
+	SnatFrags      *ebpf.MapSpec `ebpf:"snat_frags"`
+	SnatHost4Rules *ebpf.MapSpec `ebpf:"snat_host4_rules"`
+	SnatHost4Slots *ebpf.MapSpec `ebpf:"snat_host4_slots"`
+	SnatHosts      *ebpf.MapSpec `ebpf:"snat_hosts"`
+	SnatHosts4     *ebpf.MapSpec `ebpf:"snat_hosts4"`
+	SnatRuleCounts *ebpf.MapSpec `ebpf:"snat_rule_counts"`
+	SnatRuleStats  *ebpf.MapSpec `ebpf:"snat_rule_stats"`
+	SnatRules      *ebpf.MapSpec `ebpf:"snat_rules"`
+	TraceEvents    *ebpf.MapSpec `ebpf:"trace_events"`
 }
 
 // snatTraceVariableSpecs contains global variables before they are loaded into the kernel.
@@ -253,17 +243,16 @@ func (o *snatTraceObjects) Close() error {
 //
 // It can be passed to loadSnatTraceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type snatTraceMaps struct {
-	SnatCounters     *ebpf.Map `ebpf:"snat_counters"`
-	SnatFrags        *ebpf.Map `ebpf:"snat_frags"`
-	SnatHost4Rules   *ebpf.Map `ebpf:"snat_host4_rules"`
-	SnatHost4Slots   *ebpf.Map `ebpf:"snat_host4_slots"`
-	SnatHosts        *ebpf.Map `ebpf:"snat_hosts"`
-	SnatHosts4       *ebpf.Map `ebpf:"snat_hosts4"`
-	SnatRuleCounts   *ebpf.Map `ebpf:"snat_rule_counts"`
-	SnatRuleStats    *ebpf.Map `ebpf:"snat_rule_stats"`
-	SnatRules        *ebpf.Map `ebpf:"snat_rules"`
-	SnatTable4Counts *ebpf.Map `ebpf:"snat_table4_counts"`
-	TraceEvents      *ebpf.Map `ebpf:"trace_events"`
+	SnatCounters   *ebpf.Map `ebpf:"snat_counters"`
+	SnatFrags      *ebpf.Map `ebpf:"snat_frags"`
+	SnatHost4Rules *ebpf.Map `ebpf:"snat_host4_rules"`
+	SnatHost4Slots *ebpf.Map `ebpf:"snat_host4_slots"`
+	SnatHosts      *ebpf.Map `ebpf:"snat_hosts"`
+	SnatHosts4     *ebpf.Map `ebpf:"snat_hosts4"`
+	SnatRuleCounts *ebpf.Map `ebpf:"snat_rule_counts"`
+	SnatRuleStats  *ebpf.Map `ebpf:"snat_rule_stats"`
+	SnatRules      *ebpf.Map `ebpf:"snat_rules"`
+	TraceEvents    *ebpf.Map `ebpf:"trace_events"`
 }
 
 func (m *snatTraceMaps) Close() error {
@@ -277,7 +266,6 @@ func (m *snatTraceMaps) Close() error {
 		m.SnatRuleCounts,
 		m.SnatRuleStats,
 		m.SnatRules,
-		m.SnatTable4Counts,
 		m.TraceEvents,
 	)
 }
