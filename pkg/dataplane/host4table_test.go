@@ -8,6 +8,10 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/features"
+	"go.uber.org/zap"
+
+	"github.com/lbctl/lbctl/test/testenv"
 )
 
 // host4K is the snat_hosts4 key of a UDP host rule for a:port.
@@ -562,4 +566,39 @@ func TestHost4HomesApart(t *testing.T) {
 		t.Fatalf("keys of one /24 have homes %d slots apart: a probe (%d slots) may meet another key of its rule", minDist, host4Probes)
 	}
 	t.Logf("homes of one /24's keys at least %d slots apart", minDist)
+}
+
+// TestSNATTable4NotMmapable: on a kernel without BPF_F_MMAPABLE
+// (mmapableSlots drops the flag) no table is kept: kept 2, and the
+// program still applies host and prefix rules (snat_hosts4, the trie).
+func TestSNATTable4NotMmapable(t *testing.T) {
+	testenv.RequireRoot(t)
+	spec, err := loadSnat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec.Maps[snatMapSnatHost4Slots].Flags &^= uint32(features.BPF_F_MMAPABLE)
+	tp := &testProg{}
+	if err := spec.LoadAndAssign(&tp.objs, nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tp.objs.Close() })
+	tp.d = &Dataplane{log: zap.NewNop(), snat: tp.objs.snatMaps}
+	t.Cleanup(tp.d.unmapSlots)
+	host := SNATRule{Src: netip.PrefixFrom(backend4.Addr(), 32), Proto: UDP, SPort: 53, To: vip4, ToPort: 5300}
+	prefix := SNATRule{Src: net4, Proto: UDP, To: vip4.Next()}
+	tp.add(t, host, prefix)
+	var n snatSnatKindCounts
+	if err := tp.objs.SnatRuleCounts.Lookup(uint32(0), &n); err != nil || n.Kept != snatKeptHosts4 {
+		t.Fatalf("kept %d (%v), want %d", n.Kept, err, snatKeptHosts4)
+	}
+	for _, c := range []struct {
+		src netip.AddrPort
+		r   SNATRule
+	}{{backend4, host}, {netip.AddrPortFrom(backend4.Addr(), 54), prefix}} {
+		p := pkt{src: c.src, dst: client4, proto: UDP, payload: []byte("q")}
+		if d := diffPacket(tp.run(t, p.frame()), rewrite(p, c.r.To, c.r.ToPort).frame()); d != "" {
+			t.Fatalf("%s: want rule %s:%s", c.src, c.r, d)
+		}
+	}
 }

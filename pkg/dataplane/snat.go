@@ -18,6 +18,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/features"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 )
@@ -222,11 +223,22 @@ func (d *Dataplane) snatSpec() (*ebpf.CollectionSpec, *btf.Spec, error) {
 		return nil, nil, fmt.Errorf("load snat spec: %w", err)
 	}
 	pinMaps(spec)
+	mmapableSlots(spec)
 	kt, err := snatChecksumMode(spec)
 	if err != nil {
 		return nil, nil, err
 	}
 	return spec, kt, nil
+}
+
+// mmapableSlots creates snat_host4_slots without BPF_F_MMAPABLE where
+// the kernel lacks it (before Linux 5.5): user space then cannot store
+// slots atomically (host4table.go), keeps no table, and the program reads
+// snat_hosts4 and the trie (kept 2), as before the table.
+func mmapableSlots(spec *ebpf.CollectionSpec) {
+	if features.HaveMapFlag(features.BPF_F_MMAPABLE) != nil {
+		spec.Maps[snatMapSnatHost4Slots].Flags &^= uint32(features.BPF_F_MMAPABLE)
+	}
 }
 
 // snatVarCsumHelper is the snat program's switch to the L4 checksum helper.
