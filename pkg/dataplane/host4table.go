@@ -101,11 +101,10 @@ func (r table4Rule) entry(v snatSnatValue) snatSnatHost4Rule {
 // lives, which rule wins it, and which slots are free. The Dataplane's
 // flock makes this process the only writer.
 type host4Table struct {
-	slots   []uint32 // slot -> rule id + 1, host4Empty or host4Deleted
-	pos     map[snatSnatHost4Key]uint32
-	rules   map[table4Rule]uint32 // rule -> id
-	byID    map[uint32]table4Rule
-	deleted int
+	slots []uint32 // slot -> rule id + 1, host4Empty or host4Deleted
+	pos   map[snatSnatHost4Key]uint32
+	rules map[table4Rule]uint32 // rule -> id
+	byID  map[uint32]table4Rule
 	// kept: every key of every IPv4 rule /24../32 is placed within
 	// host4Probes of its home slot, at most host4MaxKeys keys (else the
 	// program is told to use snat_hosts4 and the trie).
@@ -193,9 +192,6 @@ func (t *host4Table) add(r table4Rule, id uint32) ([]uint32, bool) {
 	}
 	for j, k := range fresh {
 		s := places[j]
-		if t.slots[s] == host4Deleted {
-			t.deleted--
-		}
 		t.slots[s] = id + 1
 		t.pos[k] = s
 	}
@@ -227,7 +223,6 @@ func (t *host4Table) remove(r table4Rule) []uint32 {
 		} else {
 			t.slots[s] = host4Deleted
 			delete(t.pos, k)
-			t.deleted++
 		}
 		changed = append(changed, s)
 	}
