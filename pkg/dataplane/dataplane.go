@@ -460,6 +460,6 @@ func (d *Dataplane) removeIfUnused() error {
 
 // maps lists every pinned map of every program.
 func (d *Dataplane) maps() []*ebpf.Map {
-	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatHosts4, d.snat.SnatHost4Slots, d.snat.SnatHost4Rules, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
+	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatHosts4, d.snat.SnatHost4Slots, d.snat.SnatHost4Rules, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatRuleBase, d.snat.SnatRewritten, d.snat.SnatCounters, d.snat.SnatFrags,
 		d.steer.SteerUpstreams, d.steer.SteerCounters, d.steer.SteerFrags}
 }
