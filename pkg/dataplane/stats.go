@@ -87,7 +87,18 @@ func (d *Dataplane) Stats() (Stats, error) {
 		}
 		st.SNAT = append(st.SNAT, Counter{Name: SNATCounter(i).String(), Value: v})
 	}
-	// rewritten is counted per rule only (rewritten.go).
+	// The rules, then their bases, then the slots: a rule deleted and its
+	// id given to a new one between these reads shows its own base with
+	// the newer slot (never less than its count so far), except between
+	// the first two reads (as before, when a reused slot was zeroed).
+	es, err := d.snatEntries()
+	if err != nil {
+		return Stats{}, err
+	}
+	bases, err := d.ruleBases()
+	if err != nil {
+		return Stats{}, err
+	}
 	var rb snatSnatRewrittenBase
 	if err := d.snat.SnatRewritten.Lookup(uint32(0), &rb); err != nil {
 		return Stats{}, fmt.Errorf("read snat_rewritten: %w", privHint(err))
@@ -96,6 +107,7 @@ func (d *Dataplane) Stats() (Stats, error) {
 	if err != nil {
 		return Stats{}, err
 	}
+	// rewritten is counted per rule only (rewritten.go).
 	st.SNAT[SNATRewritten].Value = rewritten(rb, totals, st.SNAT[SNATRewritten].Value)
 	// seen is not counted in BPF: every packet is exactly one of these.
 	// Programs of an older lbctl counted it too, but kept this same sum,
@@ -103,14 +115,6 @@ func (d *Dataplane) Stats() (Stats, error) {
 	st.SNAT[SNATSeen].Value = 0
 	for _, c := range []SNATCounter{SNATRewritten, SNATNoMatch, SNATNotParsed, SNATErrors} {
 		st.SNAT[SNATSeen].Value += st.SNAT[c].Value
-	}
-	es, err := d.snatEntries()
-	if err != nil {
-		return Stats{}, err
-	}
-	bases, err := d.ruleBases()
-	if err != nil {
-		return Stats{}, err
 	}
 	for _, e := range es {
 		rs := RuleStats{SNATRule: e.rule}
