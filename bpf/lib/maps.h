@@ -165,13 +165,13 @@ struct rule_stats {
 	__u64 bytes;	/* skb->len: the L2 frame as the program saw it */
 };
 
-/* Value of snat_rewritten (struct snat_rewritten_base, one slot, user space only). The snat program
+/* Value of snat_rewritten (one slot, user space only). The snat program
  * of this lbctl counts a rewritten packet in snat_rule_stats only (its
  * rule's slot), not in snat_counters[SNAT_REWRITTEN]; user space never
  * resets snat_rule_stats (snat_rule_base holds each rule's starting point
  * instead), so with kept set
- *   rewritten = offset + sum over every rule id (0..MAX_RULES-1) and CPU
- *               of snat_rule_stats.packets,
+ *   rewritten = offset + sum over rule ids 0..ids-1 and every CPU of
+ *               snat_rule_stats.packets,
  * exact whichever rule a packet was counted for (a deleted one, a later
  * fragment's remembered one) and whichever programs ran (older ones count
  * per rule too). kept is set, and offset taken, by the first lbctl of
@@ -181,7 +181,7 @@ struct rule_stats {
 struct snat_rewritten_base {
 	__u64 offset;
 	__u32 kept;	/* 1: rewritten is derived as above */
-	__u32 pad;
+	__u32 ids;	/* no rule id from ids up was ever given out (raised before one is): its slots are 0 */
 };
 
 /* Indices of snat_counters (per CPU). Stable: never renumber, only append

@@ -108,6 +108,8 @@ type Dataplane struct {
 	host4    *host4Table
 	host4Mem []byte    // snat_host4_slots mapped into memory (slotMem)
 	xdpst    *xdpState // nil until XDP is first used (xdp.go)
+	// snat_rewritten as this process last read or wrote it (keepRewritten)
+	rewritten *snatSnatRewrittenBase
 }
 
 // Open mounts a bpffs at opts.Root if none is there, takes the state lock

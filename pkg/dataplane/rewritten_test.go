@@ -98,6 +98,10 @@ func TestSNATRewrittenDerived(t *testing.T) {
 	if k := b.key(); tp.objs.SnatRules.Lookup(&k, &v) != nil || v.RuleId != 0 {
 		t.Fatalf("new rule's id %d, want a's (0): the test must reuse it", v.RuleId)
 	}
+	var rb snatSnatRewrittenBase
+	if err := tp.objs.SnatRewritten.Lookup(uint32(0), &rb); err != nil || rb.Ids != 1 {
+		t.Fatalf("snat_rewritten %+v (%v), want ids 1 (only id 0 given out)", rb, err)
+	}
 	if st := c.check(t, "id reused"); len(st.SNATRules) != 1 || st.SNATRules[0].Packets != 0 || st.SNATRules[0].Bytes != 0 {
 		t.Fatalf("id reused: rules %+v, want the new one at zero", st.SNATRules)
 	}
@@ -117,6 +121,15 @@ func TestSNATRewrittenDerived(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.check(t, "no rule left")
+
+	// Ids given out later are summed from the first: ids rises before.
+	tp.add(t, a, b, SNATRule{Src: net4, Proto: TCP, To: vip4})
+	if err := tp.objs.SnatRewritten.Lookup(uint32(0), &rb); err != nil || rb.Ids < 3 {
+		t.Fatalf("snat_rewritten %+v (%v), want ids 3 or more after 3 rules", rb, err)
+	}
+	runN(t, tp, hit4.frame(), 4)
+	c.rewritten += 4
+	c.check(t, "3 rules")
 	if n, err := tp.d.snatCounter(SNATRewritten); err != nil || n != 0 {
 		t.Fatalf("snat_counters[SNAT_REWRITTEN] = %d (%v): this program must not count it", n, err)
 	}
@@ -154,8 +167,9 @@ func TestSNATRewrittenOlderState(t *testing.T) {
 
 	tp.add(t, SNATRule{Src: net4, Proto: UDP, To: vip4}) // this lbctl takes over
 	var rb snatSnatRewrittenBase
-	if err := tp.objs.SnatRewritten.Lookup(uint32(0), &rb); err != nil || rb.Kept != snatRewrittenKept || rb.Offset != 70 {
-		t.Fatalf("snat_rewritten %+v (%v), want kept, offset 70", rb, err)
+	// ids: past the highest slot that counted (7), so that it is summed.
+	if err := tp.objs.SnatRewritten.Lookup(uint32(0), &rb); err != nil || rb.Kept != snatRewrittenKept || rb.Offset != 70 || rb.Ids != 8 {
+		t.Fatalf("snat_rewritten %+v (%v), want kept, offset 70, ids 8", rb, err)
 	}
 	c.check(t, "taken over")
 
@@ -213,5 +227,21 @@ func TestSNATRewrittenNotKept(t *testing.T) {
 		if got := rewritten(tc.rb, totals, tc.counted); got != tc.want {
 			t.Errorf("rewritten(%+v, 12 per rule, counted %d) = %d, want %d", tc.rb, tc.counted, got, tc.want)
 		}
+	}
+}
+
+// TestSNATSummedIDs: Stats sums the slots of the ids ever given out, and
+// at least of the ids rules hold (an older lbctl gives them out without
+// raising snat_rewritten.ids).
+func TestSNATSummedIDs(t *testing.T) {
+	es := []snatEntry{{id: 2}, {id: 9}}
+	if n := summedIDs(snatSnatRewrittenBase{Ids: 4}, es); n != 10 {
+		t.Errorf("ids 4, rules at 2 and 9: %d slots, want 10", n)
+	}
+	if n := summedIDs(snatSnatRewrittenBase{Ids: 40}, es); n != 40 {
+		t.Errorf("ids 40: %d slots, want 40", n)
+	}
+	if n := summedIDs(snatSnatRewrittenBase{}, nil); n != 0 {
+		t.Errorf("nothing given out: %d slots, want 0", n)
 	}
 }

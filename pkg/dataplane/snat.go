@@ -371,6 +371,10 @@ func (d *Dataplane) AddSNAT(rule SNATRule) error {
 	// A fresh rule starts with zero counters, whoever had the id before:
 	// its counts are taken from here on (the slot itself is never reset,
 	// rewritten.go).
+	if err := d.raiseRuleIDs(id); err != nil {
+		ids.free(id)
+		return fmt.Errorf("add snat rule %s: %w", rule, err)
+	}
 	if err := d.setRuleBase(id); err != nil {
 		ids.free(id)
 		return fmt.Errorf("add snat rule %s: %w", rule, err)

@@ -89,7 +89,7 @@ type snatSnatRewrittenBase struct {
 	_      structs.HostLayout
 	Offset uint64
 	Kept   uint32
-	Pad    uint32
+	Ids    uint32
 }
 
 type snatSnatValue struct {

@@ -77,7 +77,7 @@ type snatTraceSnatRewrittenBase struct {
 	_      structs.HostLayout
 	Offset uint64
 	Kept   uint32
-	Pad    uint32
+	Ids    uint32
 }
 
 type snatTraceSnatValue struct {

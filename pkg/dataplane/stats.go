@@ -95,15 +95,16 @@ func (d *Dataplane) Stats() (Stats, error) {
 	if err != nil {
 		return Stats{}, err
 	}
-	bases, err := d.ruleBases()
-	if err != nil {
-		return Stats{}, err
-	}
 	var rb snatSnatRewrittenBase
 	if err := d.snat.SnatRewritten.Lookup(uint32(0), &rb); err != nil {
 		return Stats{}, fmt.Errorf("read snat_rewritten: %w", privHint(err))
 	}
-	totals, err := d.ruleTotals()
+	n := summedIDs(rb, es)
+	bases, err := d.ruleBases(n)
+	if err != nil {
+		return Stats{}, err
+	}
+	totals, err := d.ruleTotals(n)
 	if err != nil {
 		return Stats{}, err
 	}
@@ -118,7 +119,7 @@ func (d *Dataplane) Stats() (Stats, error) {
 	}
 	for _, e := range es {
 		rs := RuleStats{SNATRule: e.rule}
-		if int(e.id) < len(totals) {
+		if int(e.id) < n {
 			c := ruleCounts(totals[e.id], bases[e.id])
 			rs.Packets, rs.Bytes = c.Packets, c.Bytes
 		}
