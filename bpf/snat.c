@@ -102,6 +102,27 @@ struct {
 	__type(value, struct rule_stats);
 } snat_rule_stats SEC(".maps");
 
+/* The packets and bytes (summed over CPUs) each rule id had in
+ * snat_rule_stats when the rule now holding it was added: the rule's own
+ * counts are the difference. snat_rule_stats is never reset, so that the
+ * packets of every id ever used sum to the packets rewritten (see
+ * snat_rewritten). Written by user space only; this program never reads it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_RULES);
+	__type(key, __u32);
+	__type(value, struct rule_stats);
+} snat_rule_base SEC(".maps");
+
+/* How user space derives the rewritten count (one slot): this program
+ * counts rewritten packets per rule only. Written by user space only. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct snat_rewritten_base);
+} snat_rewritten SEC(".maps");
+
 /* Program counters, indexed by enum snat_counter. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -364,7 +385,7 @@ static __noinline int snat_later_fragment(struct __sk_buff *skb, const struct pk
 		TRACE_SNAT(skb, p, TRACE_ERROR, fv.addr, 0);
 		return TC_ACT_UNSPEC;
 	}
-	count(SNAT_REWRITTEN);
+	/* SNAT_REWRITTEN is not counted: count_rule is (snat_rewritten). */
 	count(SNAT_FRAGMENTS);
 	TRACE_SNAT(skb, p, TRACE_REWRITTEN, fv.addr, 0);
 	count_rule(fv.rule_id, len);
@@ -401,7 +422,8 @@ int snat_egress(struct __sk_buff *skb)
 
 	/* SNAT_SEEN is not counted here: every packet ends in exactly one of
 	 * rewritten, no_match, not_parsed, errors, and lbctl sums those (one
-	 * per-CPU counter update fewer per packet). */
+	 * per-CPU counter update fewer per packet). Nor is SNAT_REWRITTEN
+	 * (below). */
 	if (parse_l3l4(skb, &p) < 0) {
 		count(SNAT_NOT_PARSED);
 		TRACE_SNAT(skb, &p, TRACE_NOT_PARSED, NULL, 0);
@@ -444,7 +466,9 @@ int snat_egress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	}
 rewritten:
-	count(SNAT_REWRITTEN);
+	/* SNAT_REWRITTEN is not counted: every rewritten packet is counted
+	 * by its rule, and user space sums the rules (snat_rewritten): one
+	 * per-CPU counter update fewer per packet. */
 	TRACE_SNAT(skb, &p, TRACE_REWRITTEN, to, to_port);
 	count_rule(rule_id, len);
 	return TC_ACT_UNSPEC;

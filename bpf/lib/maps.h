@@ -165,11 +165,32 @@ struct rule_stats {
 	__u64 bytes;	/* skb->len: the L2 frame as the program saw it */
 };
 
-/* Indices of snat_counters (per CPU). Stable: never renumber, only append.
+/* Value of snat_rewritten (one slot, user space only). The snat program
+ * of this lbctl counts a rewritten packet in snat_rule_stats only (its
+ * rule's slot), not in snat_counters[SNAT_REWRITTEN]; user space never
+ * resets snat_rule_stats (snat_rule_base holds each rule's starting point
+ * instead), so with kept set
+ *   rewritten = offset + sum over rule ids 0..ids-1 and every CPU of
+ *               snat_rule_stats.packets,
+ * exact whichever rule a packet was counted for (a deleted one, a later
+ * fragment's remembered one) and whichever programs ran (older ones count
+ * per rule too). kept is set, and offset taken, by the first lbctl of
+ * this kind to change the state: offset = snat_counters[SNAT_REWRITTEN]
+ * minus that sum then, the packets whose per-rule counts an older lbctl
+ * reset. kept 0: only older programs have run; snat_counters is exact. */
+struct snat_rewritten_base {
+	__u64 offset;
+	__u32 kept;	/* 1: rewritten is derived as above */
+	__u32 ids;	/* no rule id from ids up was ever given out (raised before one is): its slots are 0 */
+};
+
+/* Indices of snat_counters (per CPU). Stable: never renumber, only append
+ * (appending changes the map's size: pinned state of older versions would
+ * no longer load).
  * seen = rewritten + no_match + not_parsed + errors. */
 enum snat_counter {
 	SNAT_SEEN = 0,		/* packets the program ran on: not counted in BPF (older programs did), user space sums the next four */
-	SNAT_REWRITTEN = 1,	/* source rewritten (fragments included) */
+	SNAT_REWRITTEN = 1,	/* source rewritten (fragments included): counted by older programs only, derived now (struct snat_rewritten) */
 	SNAT_NO_MATCH = 2,	/* IPv4/IPv6 UDP/TCP, no rule matched: passed unchanged */
 	SNAT_NOT_PARSED = 3,	/* not IP, not UDP/TCP, truncated, unfollowed header: passed unchanged */
 	SNAT_ERRORS = 4,	/* a helper failed while rewriting: passed, maybe partly rewritten */

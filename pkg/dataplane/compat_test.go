@@ -23,28 +23,7 @@ const olderSnat = "testdata/snat_a0fc3a1_bpfel.o"
 // after deletes.
 func TestSNATOlderProgram(t *testing.T) {
 	tp := newTestProg(t)
-	spec, err := ebpf.LoadCollectionSpec(olderSnat)
-	if err != nil {
-		t.Fatal(err)
-	}
-	shared := mapsByName(&tp.objs.snatMaps, nil)
-	repl := map[string]*ebpf.Map{}
-	for name := range spec.Maps {
-		if strings.HasPrefix(name, ".") {
-			continue
-		}
-		m, ok := shared[name]
-		if !ok {
-			t.Fatalf("older object's map %s is gone", name)
-		}
-		repl[name] = m
-	}
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: repl})
-	if err != nil {
-		t.Fatalf("load the older program: %v", err)
-	}
-	t.Cleanup(coll.Close)
-	older := &testProg{objs: snatObjects{snatPrograms: snatPrograms{SnatEgress: coll.Programs["snat_egress"]}}}
+	older := olderProgram(t, tp)
 
 	rng := rand.New(rand.NewPCG(11, 12))
 	live := []SNATRule{
@@ -97,4 +76,32 @@ func TestSNATOlderProgram(t *testing.T) {
 		}
 	}
 	check(fmt.Sprintf("%d deleted", 20), live[20:])
+}
+
+// olderProgram loads olderSnat on tp's maps, as a program of an older
+// lbctl still attached to the state this one keeps.
+func olderProgram(t *testing.T, tp *testProg) *testProg {
+	t.Helper()
+	spec, err := ebpf.LoadCollectionSpec(olderSnat)
+	if err != nil {
+		t.Fatal(err)
+	}
+	shared := mapsByName(&tp.objs.snatMaps, nil)
+	repl := map[string]*ebpf.Map{}
+	for name := range spec.Maps {
+		if strings.HasPrefix(name, ".") {
+			continue
+		}
+		m, ok := shared[name]
+		if !ok {
+			t.Fatalf("older object's map %s is gone", name)
+		}
+		repl[name] = m
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: repl})
+	if err != nil {
+		t.Fatalf("load the older program: %v", err)
+	}
+	t.Cleanup(coll.Close)
+	return &testProg{objs: snatObjects{snatPrograms: snatPrograms{SnatEgress: coll.Programs["snat_egress"]}}}
 }

@@ -108,6 +108,8 @@ type Dataplane struct {
 	host4    *host4Table
 	host4Mem []byte    // snat_host4_slots mapped into memory (slotMem)
 	xdpst    *xdpState // nil until XDP is first used (xdp.go)
+	// snat_rewritten as this process last read or wrote it (keepRewritten)
+	rewritten *snatSnatRewrittenBase
 }
 
 // Open mounts a bpffs at opts.Root if none is there, takes the state lock
@@ -460,6 +462,6 @@ func (d *Dataplane) removeIfUnused() error {
 
 // maps lists every pinned map of every program.
 func (d *Dataplane) maps() []*ebpf.Map {
-	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatHosts4, d.snat.SnatHost4Slots, d.snat.SnatHost4Rules, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatCounters, d.snat.SnatFrags,
+	return []*ebpf.Map{d.snat.SnatRules, d.snat.SnatHosts, d.snat.SnatHosts4, d.snat.SnatHost4Slots, d.snat.SnatHost4Rules, d.snat.SnatRuleCounts, d.snat.SnatRuleStats, d.snat.SnatRuleBase, d.snat.SnatRewritten, d.snat.SnatCounters, d.snat.SnatFrags,
 		d.steer.SteerUpstreams, d.steer.SteerCounters, d.steer.SteerFrags}
 }

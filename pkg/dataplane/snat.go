@@ -5,7 +5,7 @@ package dataplane
 // subregisters and jumps, Linux 5.1+; bpf2go defaults to v1) saves the
 // zero-extending shifts v1 code spends on every 32-bit value: about 1 ns
 // per packet on the hit path (docs/dataplane.md, Performance).
-//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_host4_key -type snat_host4_slot -type snat_host4_rule -type snat_kind_counts -type rule_stats -type snat_counter snat ../../bpf/snat.c -- -mcpu=v3 -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
+//go:generate go tool bpf2go -cc clang-19 -target bpfel -type snat_key -type snat_value -type snat_frag_key -type snat_frag_value -type snat_host4_key -type snat_host4_slot -type snat_host4_rule -type snat_kind_counts -type rule_stats -type snat_rewritten_base -type snat_counter snat ../../bpf/snat.c -- -mcpu=v3 -I../../bpf/lib -I/usr/include/x86_64-linux-gnu
 
 import (
 	"encoding/binary"
@@ -323,6 +323,10 @@ func (d *Dataplane) AttachSNAT(ifname string) (Method, error) {
 	if err != nil {
 		return "", err
 	}
+	// This program counts rewritten packets per rule only.
+	if err := d.keepRewritten(); err != nil {
+		return "", fmt.Errorf("attach snat to %s: %w", ifname, err)
+	}
 	var progs snatPrograms
 	opts := d.collectionOptions()
 	opts.Programs.KernelTypes = kernelTypes
@@ -364,15 +368,16 @@ func (d *Dataplane) AddSNAT(rule SNATRule) error {
 	if !ok {
 		return fmt.Errorf("add snat rule %s: all %d rule slots in use", rule, MaxSNATRules)
 	}
-	// A fresh rule starts with zero counters, whoever had the id before.
-	ncpu, err := ebpf.PossibleCPU()
-	if err != nil {
+	// A fresh rule starts with zero counters, whoever had the id before:
+	// its counts are taken from here on (the slot itself is never reset,
+	// rewritten.go).
+	if err := d.raiseRuleIDs(id); err != nil {
 		ids.free(id)
 		return fmt.Errorf("add snat rule %s: %w", rule, err)
 	}
-	if err := d.snat.SnatRuleStats.Update(id, make([]snatRuleStats, ncpu), ebpf.UpdateAny); err != nil {
+	if err := d.setRuleBase(id); err != nil {
 		ids.free(id)
-		return fmt.Errorf("add snat rule %s: reset counters: %w", rule, privHint(err))
+		return fmt.Errorf("add snat rule %s: %w", rule, err)
 	}
 	val := snatSnatValue{Port: htons(rule.ToPort), SrcLen: uint8(rule.Src.Bits()), RuleId: id}
 	if rule.To.Is4() {
@@ -459,7 +464,7 @@ func (d *Dataplane) DelSNAT(rule SNATRule) (err error) {
 		return fmt.Errorf("delete snat rule %s: %w", rule, privHint(err))
 	}
 	ids.free(val.RuleId)
-	return nil
+	return d.clearRuleBase(val.RuleId)
 }
 
 // exactRule returns the rule stored under exactly key. A lookup in an LPM
@@ -537,6 +542,9 @@ func (d *Dataplane) ids() (*idAlloc, error) {
 	a := newIDAlloc(MaxSNATRules)
 	for _, e := range es {
 		a.take(e.id)
+	}
+	if err := d.keepRewritten(); err != nil {
+		return nil, err
 	}
 	if err := d.syncHosts(); err != nil {
 		return nil, err

@@ -85,6 +85,13 @@ type snatSnatKindCounts struct {
 	Kept         uint32
 }
 
+type snatSnatRewrittenBase struct {
+	_      structs.HostLayout
+	Offset uint64
+	Kept   uint32
+	Ids    uint32
+}
+
 type snatSnatValue struct {
 	_      structs.HostLayout
 	Addr   [16]uint8
@@ -104,6 +111,8 @@ const (
 	snatMapSnatHost4Slots = "snat_host4_slots"
 	snatMapSnatHosts      = "snat_hosts"
 	snatMapSnatHosts4     = "snat_hosts4"
+	snatMapSnatRewritten  = "snat_rewritten"
+	snatMapSnatRuleBase   = "snat_rule_base"
 	snatMapSnatRuleCounts = "snat_rule_counts"
 	snatMapSnatRuleStats  = "snat_rule_stats"
 	snatMapSnatRules      = "snat_rules"
@@ -167,6 +176,8 @@ type snatMapSpecs struct {
 	SnatHost4Slots *ebpf.MapSpec `ebpf:"snat_host4_slots"`
 	SnatHosts      *ebpf.MapSpec `ebpf:"snat_hosts"`
 	SnatHosts4     *ebpf.MapSpec `ebpf:"snat_hosts4"`
+	SnatRewritten  *ebpf.MapSpec `ebpf:"snat_rewritten"`
+	SnatRuleBase   *ebpf.MapSpec `ebpf:"snat_rule_base"`
 	SnatRuleCounts *ebpf.MapSpec `ebpf:"snat_rule_counts"`
 	SnatRuleStats  *ebpf.MapSpec `ebpf:"snat_rule_stats"`
 	SnatRules      *ebpf.MapSpec `ebpf:"snat_rules"`
@@ -206,6 +217,8 @@ type snatMaps struct {
 	SnatHost4Slots *ebpf.Map `ebpf:"snat_host4_slots"`
 	SnatHosts      *ebpf.Map `ebpf:"snat_hosts"`
 	SnatHosts4     *ebpf.Map `ebpf:"snat_hosts4"`
+	SnatRewritten  *ebpf.Map `ebpf:"snat_rewritten"`
+	SnatRuleBase   *ebpf.Map `ebpf:"snat_rule_base"`
 	SnatRuleCounts *ebpf.Map `ebpf:"snat_rule_counts"`
 	SnatRuleStats  *ebpf.Map `ebpf:"snat_rule_stats"`
 	SnatRules      *ebpf.Map `ebpf:"snat_rules"`
@@ -219,6 +232,8 @@ func (m *snatMaps) Close() error {
 		m.SnatHost4Slots,
 		m.SnatHosts,
 		m.SnatHosts4,
+		m.SnatRewritten,
+		m.SnatRuleBase,
 		m.SnatRuleCounts,
 		m.SnatRuleStats,
 		m.SnatRules,

@@ -73,6 +73,13 @@ type snatTraceSnatKindCounts struct {
 	Kept         uint32
 }
 
+type snatTraceSnatRewrittenBase struct {
+	_      structs.HostLayout
+	Offset uint64
+	Kept   uint32
+	Ids    uint32
+}
+
 type snatTraceSnatValue struct {
 	_      structs.HostLayout
 	Addr   [16]uint8
@@ -133,6 +140,8 @@ const (
 	snatTraceMapSnatHost4Slots   = "snat_host4_slots"
 	snatTraceMapSnatHosts        = "snat_hosts"
 	snatTraceMapSnatHosts4       = "snat_hosts4"
+	snatTraceMapSnatRewritten    = "snat_rewritten"
+	snatTraceMapSnatRuleBase     = "snat_rule_base"
 	snatTraceMapSnatRuleCounts   = "snat_rule_counts"
 	snatTraceMapSnatRuleStats    = "snat_rule_stats"
 	snatTraceMapSnatRules        = "snat_rules"
@@ -203,6 +212,8 @@ type snatTraceMapSpecs struct {
 	SnatHost4Slots *ebpf.MapSpec `ebpf:"snat_host4_slots"`
 	SnatHosts      *ebpf.MapSpec `ebpf:"snat_hosts"`
 	SnatHosts4     *ebpf.MapSpec `ebpf:"snat_hosts4"`
+	SnatRewritten  *ebpf.MapSpec `ebpf:"snat_rewritten"`
+	SnatRuleBase   *ebpf.MapSpec `ebpf:"snat_rule_base"`
 	SnatRuleCounts *ebpf.MapSpec `ebpf:"snat_rule_counts"`
 	SnatRuleStats  *ebpf.MapSpec `ebpf:"snat_rule_stats"`
 	SnatRules      *ebpf.MapSpec `ebpf:"snat_rules"`
@@ -249,6 +260,8 @@ type snatTraceMaps struct {
 	SnatHost4Slots *ebpf.Map `ebpf:"snat_host4_slots"`
 	SnatHosts      *ebpf.Map `ebpf:"snat_hosts"`
 	SnatHosts4     *ebpf.Map `ebpf:"snat_hosts4"`
+	SnatRewritten  *ebpf.Map `ebpf:"snat_rewritten"`
+	SnatRuleBase   *ebpf.Map `ebpf:"snat_rule_base"`
 	SnatRuleCounts *ebpf.Map `ebpf:"snat_rule_counts"`
 	SnatRuleStats  *ebpf.Map `ebpf:"snat_rule_stats"`
 	SnatRules      *ebpf.Map `ebpf:"snat_rules"`
@@ -263,6 +276,8 @@ func (m *snatTraceMaps) Close() error {
 		m.SnatHost4Slots,
 		m.SnatHosts,
 		m.SnatHosts4,
+		m.SnatRewritten,
+		m.SnatRuleBase,
 		m.SnatRuleCounts,
 		m.SnatRuleStats,
 		m.SnatRules,

@@ -1,10 +1,7 @@
 package dataplane
 
 import (
-	"errors"
 	"fmt"
-
-	"github.com/cilium/ebpf"
 )
 
 // SNATCounter names a slot of the snat program's counter array. The values
@@ -84,16 +81,35 @@ func (s Stats) SNATCounter(c SNATCounter) uint64 {
 func (d *Dataplane) Stats() (Stats, error) {
 	var st Stats
 	for i := 0; i < numSNATCounters; i++ {
-		var per []uint64
-		if err := d.snat.SnatCounters.Lookup(uint32(i), &per); err != nil {
-			return Stats{}, fmt.Errorf("read snat counter %s: %w", SNATCounter(i), privHint(err))
+		v, err := d.snatCounter(SNATCounter(i))
+		if err != nil {
+			return Stats{}, err
 		}
-		var sum uint64
-		for _, v := range per {
-			sum += v
-		}
-		st.SNAT = append(st.SNAT, Counter{Name: SNATCounter(i).String(), Value: sum})
+		st.SNAT = append(st.SNAT, Counter{Name: SNATCounter(i).String(), Value: v})
 	}
+	// The rules, then their bases, then the slots: a rule deleted and its
+	// id given to a new one between these reads shows its own base with
+	// the newer slot (never less than its count so far), except between
+	// the first two reads (as before, when a reused slot was zeroed).
+	es, err := d.snatEntries()
+	if err != nil {
+		return Stats{}, err
+	}
+	var rb snatSnatRewrittenBase
+	if err := d.snat.SnatRewritten.Lookup(uint32(0), &rb); err != nil {
+		return Stats{}, fmt.Errorf("read snat_rewritten: %w", privHint(err))
+	}
+	n := summedIDs(rb, es)
+	bases, err := d.ruleBases(n)
+	if err != nil {
+		return Stats{}, err
+	}
+	totals, err := d.ruleTotals(n)
+	if err != nil {
+		return Stats{}, err
+	}
+	// rewritten is counted per rule only (rewritten.go).
+	st.SNAT[SNATRewritten].Value = rewritten(rb, totals, st.SNAT[SNATRewritten].Value)
 	// seen is not counted in BPF: every packet is exactly one of these.
 	// Programs of an older lbctl counted it too, but kept this same sum,
 	// so the sum is right whichever programs ran.
@@ -101,19 +117,11 @@ func (d *Dataplane) Stats() (Stats, error) {
 	for _, c := range []SNATCounter{SNATRewritten, SNATNoMatch, SNATNotParsed, SNATErrors} {
 		st.SNAT[SNATSeen].Value += st.SNAT[c].Value
 	}
-	es, err := d.snatEntries()
-	if err != nil {
-		return Stats{}, err
-	}
 	for _, e := range es {
-		var per []snatRuleStats
-		if err := d.snat.SnatRuleStats.Lookup(e.id, &per); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return Stats{}, fmt.Errorf("read counters of snat rule %s: %w", e.rule, privHint(err))
-		}
 		rs := RuleStats{SNATRule: e.rule}
-		for _, v := range per {
-			rs.Packets += v.Packets
-			rs.Bytes += v.Bytes
+		if int(e.id) < n {
+			c := ruleCounts(totals[e.id], bases[e.id])
+			rs.Packets, rs.Bytes = c.Packets, c.Bytes
 		}
 		st.SNATRules = append(st.SNATRules, rs)
 	}

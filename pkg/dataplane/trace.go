@@ -282,6 +282,10 @@ func (d *Dataplane) loadSnatTrace(f TraceFilter, events *ebpf.Map) (*ebpf.Progra
 	if err != nil {
 		return nil, err
 	}
+	// Like snat, the tracing variant counts rewritten packets per rule only.
+	if err := d.keepRewritten(); err != nil {
+		return nil, err
+	}
 	var progs snatTracePrograms
 	opts := &ebpf.CollectionOptions{MapReplacements: mapsByName(&d.snat, events)}
 	opts.Programs.KernelTypes = kernelTypes
