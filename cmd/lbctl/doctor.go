@@ -12,6 +12,7 @@ import (
 
 	"github.com/lbctl/lbctl/pkg/config"
 	"github.com/lbctl/lbctl/pkg/dataplane"
+	"github.com/lbctl/lbctl/pkg/health"
 	"github.com/lbctl/lbctl/pkg/netconf"
 )
 
@@ -89,6 +90,9 @@ func runDoctor(ctx context.Context, e *env, args []string) error {
 					ds.Upstreams = append(ds.Upstreams, u.Addr)
 				}
 			}
+			if s.Protocol == config.UDP {
+				ds.Query, ds.NoQuery = returnPathQuery(s)
+			}
 			opts.Services = append(opts.Services, ds)
 		}
 	} else if *upstream {
@@ -118,6 +122,24 @@ func runDoctor(ctx context.Context, e *env, args []string) error {
 		return errDoctorFailed
 	}
 	return nil
+}
+
+// returnPathQuery gives doctor the request that probes the return path of
+// UDP service s: its dns health check, sent once to the upstream's own
+// port. Without one it says what to configure instead.
+func returnPathQuery(s config.Service) (func(context.Context, netconf.Dialer, netip.AddrPort) error, string) {
+	h := s.Health
+	if h == nil || h.Type != "dns" {
+		return nil, fmt.Sprintf("if the upstreams of %s speak DNS, give it a dns health check (health: {type: dns, query: NAME}): doctor then sends that query from a client address", s.Name)
+	}
+	for _, u := range s.Upstreams {
+		if h.Port != 0 && h.Port != u.Addr.Port() {
+			return nil, fmt.Sprintf("drop health.port of %s if its upstreams answer DNS on their own port: doctor then sends the dns check's query there from a client address", s.Name)
+		}
+	}
+	return func(ctx context.Context, d netconf.Dialer, up netip.AddrPort) error {
+		return health.Probe(ctx, h, d, up)
+	}, ""
 }
 
 // doctorBPF gives the doctor the BPF side (pkg/netconf imports no cilium/ebpf).

@@ -338,3 +338,160 @@ func lbDo(t *testing.T, h *topo.Host, args []string) {
 		t.Fatal(err)
 	}
 }
+
+// udpDoctorConfig: transparent UDP services, IPv4 and IPv6, whose
+// upstreams speak DNS (a dns health check), and one without such a check.
+const udpDoctorConfig = `services:
+  - name: resolver
+    protocol: udp
+    listen: 198.18.98.10:53
+    mode: transparent
+    upstreams: [198.19.16.11:53]
+    health: {type: dns, query: www.example.com}
+  - name: resolver6
+    protocol: udp
+    listen: "[2001:db8:98::10]:53"
+    mode: transparent
+    upstreams: ["[2001:db8:16::11]:53"]
+    health: {type: dns, query: www.example.com}
+  - name: syslog
+    protocol: udp
+    listen: 198.18.98.10:514
+    mode: transparent
+    upstreams: [198.19.16.11:514]
+`
+
+// serveDNSIn answers every datagram to addr, in h's namespace, with the
+// datagram itself as a response (QR bit set): a NOERROR reply to the same
+// ID and question, which is all a dns check without expect asks.
+func serveDNSIn(t *testing.T, h *topo.Host, addr string) {
+	t.Helper()
+	var pc net.PacketConn
+	if err := h.Do(func() (err error) {
+		pc, err = net.ListenPacket("udp", addr)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	t.Cleanup(func() { pc.Close(); <-done })
+	go func() {
+		defer close(done)
+		buf := make([]byte, 512)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			if n >= 12 {
+				buf[2] |= 0x80 // QR: a response
+				_, _ = pc.WriteTo(buf[:n], from)
+			}
+		}
+	}()
+}
+
+// TestDoctorUDPReturnPath: the return path of transparent UDP services is
+// probed with their dns check's query sent from a client address, IPv4
+// and IPv6; it fails when the backend's replies bypass the LB or steer
+// does not know the upstream, and a service without a dns check is
+// skipped with what to configure.
+func TestDoctorUDPReturnPath(t *testing.T) {
+	testenv.RequireCommand(t, "ip", "sysctl")
+	tp := topo.Start(t, topo.Options{Backends: 1})
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "lbctl.yaml")
+	if err := os.WriteFile(cfg, []byte(udpDoctorConfig), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	lb, b1 := tp.LB, tp.Backends[0]
+	mustRun(t, lb, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
+	lbDo(t, lb, []string{"attach", "eth1", "--steer",
+		"--upstream", "udp:198.19.16.11:53", "--upstream", "udp:[2001:db8:16::11]:53", "--upstream", "udp:198.19.16.11:514"})
+	serveDNSIn(t, b1, "198.19.16.11:53")
+	serveDNSIn(t, b1, "[2001:db8:16::11]:53")
+	args := []string{"--client", "198.18.99.0/24", "--client", "2001:db8:99::/64"}
+
+	line := func(out, prefix string) string {
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, prefix) {
+				return l
+			}
+		}
+		return ""
+	}
+	healthy := func(when string) {
+		t.Helper()
+		code, out := doctorIn(t, lb, cfg, args...)
+		if code != 0 || strings.Contains(out, "FAIL") {
+			t.Errorf("%s: exit %d, want 0 and no FAIL:\n%s", when, code, out)
+		}
+		for _, want := range []string{
+			"PASS  return path resolver 198.19.16.11:53",
+			"PASS  return path resolver6 [2001:db8:16::11]:53",
+		} {
+			if l := line(out, want); !strings.Contains(l, "answered a query from client address") {
+				t.Errorf("%s: want %q answered from a client address:\n%s", when, want, out)
+			}
+		}
+		l := line(out, "WARN  return path syslog 198.19.16.11:514")
+		if !strings.Contains(l, "not probed") || !strings.Contains(l, "fix: if the upstreams of syslog speak DNS, give it a dns health check (health: {type: dns, query: NAME})") {
+			t.Errorf("%s: want the syslog return path skipped with what to configure:\n%s", when, out)
+		}
+	}
+	healthy("healthy set-up")
+
+	for _, v := range []struct {
+		name        string
+		cfg         string // "" = udpDoctorConfig
+		break_, fix []string
+		want        string
+		detail      string
+	}{
+		{
+			name:   "IPv4 replies bypass the LB",
+			break_: []string{"ip", "route", "replace", "default", "via", "198.19.16.254"},
+			fix:    []string{"ip", "route", "replace", "default", "via", "198.19.16.1"},
+			want:   "return path resolver 198.19.16.11:53",
+			detail: "query from 198.18.99.1: no reply within timeout: the upstream's reply did not come back",
+		},
+		{
+			name:   "IPv6 replies bypass the LB",
+			break_: []string{"ip", "-6", "route", "replace", "default", "via", "2001:db8:16::254"},
+			fix:    []string{"ip", "-6", "route", "replace", "default", "via", "2001:db8:16::1"},
+			want:   "return path resolver6 [2001:db8:16::11]:53",
+			detail: "query from 2001:db8:99::1: no reply within timeout: the upstream's reply did not come back",
+		},
+		{
+			name:   "steer does not know the upstream",
+			cfg:    strings.Replace(udpDoctorConfig, "198.19.16.11:53", "198.19.16.11:5353", 1),
+			want:   "return path resolver 198.19.16.11:5353",
+			detail: "steer does not mark replies from 198.19.16.11:5353",
+		},
+	} {
+		t.Run(v.name, func(t *testing.T) {
+			c := cfg
+			if v.cfg != "" {
+				c = filepath.Join(t.TempDir(), "alt.yaml")
+				if err := os.WriteFile(c, []byte(v.cfg), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if v.break_ != nil {
+				mustRun(t, b1, v.break_...)
+			}
+			code, out := doctorIn(t, lb, c, args...)
+			if v.fix != nil {
+				mustRun(t, b1, v.fix...)
+			}
+			l := line(out, "FAIL  "+v.want)
+			if code != 1 || !strings.Contains(l, v.detail) || !strings.Contains(l, "fix: ") {
+				t.Errorf("exit %d, want 1 and a FAIL line for %q saying %q, with a fix:\n%s", code, v.want, v.detail, out)
+			}
+			if n := strings.Count("\n"+out, "\nFAIL"); n != 1 {
+				t.Errorf("want exactly 1 FAIL line (%s), got %d:\n%s", v.want, n, out)
+			}
+		})
+	}
+	healthy("after the repairs")
+}

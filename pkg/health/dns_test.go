@@ -1,6 +1,9 @@
 package health
 
 import (
+	"context"
+	"errors"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -110,6 +113,22 @@ func TestDNSCheck(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) { c.run(t, tp) })
 	}
+}
+
+// TestProbeBadCheck: Probe refuses a check it cannot build without
+// opening a socket (the dialer would fail the test).
+func TestProbeBadCheck(t *testing.T) {
+	err := Probe(t.Context(), &config.Health{Type: "dns", Query: "www.example.com", QType: "BOGUS"}, failDialer{t}, netip.MustParseAddrPort("198.19.16.11:53"))
+	if err == nil || !strings.Contains(err.Error(), `unknown query type "BOGUS"`) {
+		t.Fatalf("Probe: %v, want the unknown query type", err)
+	}
+}
+
+type failDialer struct{ t *testing.T }
+
+func (d failDialer) DialContext(context.Context, string, string) (net.Conn, error) {
+	d.t.Fatal("Probe dialled for a check it cannot build")
+	return nil, errors.New("unreachable")
 }
 
 // TestParseReply covers what a real server rarely sends.

@@ -121,13 +121,9 @@ func (c checkCase) run(t *testing.T, tp *topo.Topology) {
 		h.Timeout = 300 * time.Millisecond
 	}
 	h.Interval, h.Rise, h.Fall = time.Second, 1, 1
-	p, err := newProbe(&h)
-	if err != nil {
-		t.Fatalf("newProbe: %v", err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), h.Timeout)
 	defer cancel()
-	err = p(ctx, nsDialer{tp.LB}, netip.MustParseAddrPort(c.addr))
+	err := Probe(ctx, &h, nsDialer{tp.LB}, netip.MustParseAddrPort(c.addr))
 	switch {
 	case c.wantErr == "" && err != nil:
 		t.Fatalf("%s check of %s failed: %v", h.Type, c.addr, err)

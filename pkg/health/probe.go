@@ -93,6 +93,19 @@ func newProbe(h *config.Health) (probe, error) {
 	return nil, fmt.Errorf("unknown check type %q (want tcp, udp, dns or http)", h.Type)
 }
 
+// Probe runs the active check h once against addr (the address as given:
+// h.Port is the caller's business), opening its socket with d; nil means
+// it passed. ctx bounds it (h.Timeout is not applied). lbctl doctor sends
+// a service's dns check this way from a client's address, to probe the
+// return path of a transparent UDP service.
+func Probe(ctx context.Context, h *config.Health, d Dialer, addr netip.AddrPort) error {
+	p, err := newProbe(h)
+	if err != nil {
+		return err
+	}
+	return p(ctx, d, addr)
+}
+
 // tcpProbe passes when a TCP connection is established.
 func tcpProbe(ctx context.Context, d Dialer, addr netip.AddrPort) error {
 	c, err := d.DialContext(ctx, "tcp", addr.String())

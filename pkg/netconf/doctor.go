@@ -58,6 +58,18 @@ type Service struct {
 	Upstreams []netip.AddrPort
 	NAT       string // dsr/xdp: router | origin
 	Interface string // upstream-facing interface; "" = from the route
+	// Query, for a UDP service, sends one request its upstreams answer
+	// (the caller builds it from the service's dns health check) to up
+	// through d and checks the answer: the return-path probe. nil: the
+	// return path is not probed, and NoQuery says why and what to
+	// configure to get it.
+	Query   func(ctx context.Context, d Dialer, up netip.AddrPort) error
+	NoQuery string
+}
+
+// Dialer opens a probe's socket (pkg/health's checks take one).
+type Dialer interface {
+	DialContext(ctx context.Context, network, address string) (net.Conn, error)
 }
 
 // Attached is one program lbctl attached (as pinned under <bpffs>/lbctl).
@@ -757,11 +769,13 @@ func peerAddr(a net.Addr) netip.Addr {
 
 // --- transparent: the return path -------------------------------------------
 
-// returnPath probes each TCP upstream of the transparent services the way
-// the proxy connects: from a client's address (IP_TRANSPARENT). The
-// upstream's SYN-ACK goes to that client address; it reaches this socket
-// only if the upstream routes it through the LB and steer marks it for
-// local delivery, which the steer counter of that upstream shows.
+// returnPath probes each upstream of the transparent services the way the
+// proxy talks to it: from a client's address (IP_TRANSPARENT). TCP: a
+// connect, whose SYN-ACK goes to that client address. UDP: one request
+// the upstream answers (Service.Query: a DNS query from the service's dns
+// check), whose answer goes to that client address. Either reaches this
+// socket only if the upstream routes it through the LB and steer marks it
+// for local delivery, which the steer counter of that upstream shows.
 func (d *doctor) returnPath(ctx context.Context) {
 	if d.o.BPF == nil {
 		return
@@ -772,8 +786,8 @@ func (d *doctor) returnPath(ctx context.Context) {
 		}
 		for _, u := range s.Upstreams {
 			name := fmt.Sprintf("return path %s %s", s.Name, u)
-			if s.Protocol != "tcp" {
-				d.add(name, Warn, "", "not probed: a UDP upstream answers only a protocol-specific request")
+			if s.Protocol != "tcp" && s.Query == nil {
+				d.add(name, Warn, s.NoQuery, "not probed: a UDP upstream answers only a protocol-specific request, and doctor has none for this service")
 				continue
 			}
 			var client netip.Addr
@@ -793,37 +807,52 @@ func (d *doctor) returnPath(ctx context.Context) {
 				continue
 			}
 			if !steered {
-				d.add(name, Fail, fmt.Sprintf("lbctl run -c CONFIG (or lbctl --bpffs %s attach IFACE --steer --upstream tcp:%s)", d.o.BPFFS, u),
+				d.add(name, Fail, fmt.Sprintf("lbctl run -c CONFIG (or lbctl --bpffs %s attach IFACE --steer --upstream %s:%s)", d.o.BPFFS, s.Protocol, u),
 					"steer does not mark replies from %s: is lbctl run running this service?", u)
 				continue
 			}
-			err = transparentConnect(ctx, client, u, d.o.Timeout)
+			what, did := "connect", "connected"
+			dl := transparentDialer{from: client}
+			pctx, cancel := context.WithTimeout(ctx, d.o.Timeout)
+			if s.Protocol == "tcp" {
+				err = transparentConnect(pctx, dl, u)
+			} else {
+				what, did = "query", "answered a query"
+				err = s.Query(pctx, dl, u)
+			}
+			cancel()
 			after, _, cerr := d.o.BPF.SteerPackets(s.Protocol, u)
 			fix := fmt.Sprintf("on %s: lbctl doctor -c CONFIG --upstream --lb LB_ADDRESS (its route to %s must go through the LB); ip route get %s", u.Addr(), client, client)
 			switch {
 			case cerr != nil:
 				d.add(name, Fail, "run lbctl doctor as root", "read steer counters: %v", cerr)
 			case err != nil:
-				d.add(name, Fail, fix, "connect from %s: %v: the upstream's reply did not come back to the LB's transparent socket (steer saw %d)", client, err, after-before)
+				d.add(name, Fail, fix, "%s from %s: %v: the upstream's reply did not come back to the LB's transparent socket (steer saw %d)", what, client, err, after-before)
 			case after == before:
-				d.add(name, Warn, "", "connected from %s, but steer counted no reply: the reply came back another way", client)
+				d.add(name, Warn, "", "%s from %s, but steer counted no reply: the reply came back another way", did, client)
 			default:
-				d.add(name, Pass, "", "connected from client address %s: %d replies steered back to the socket", client, after-before)
+				d.add(name, Pass, "", "%s from client address %s: %d replies steered back to the socket", did, client, after-before)
 			}
 		}
 	}
 }
 
-// transparentConnect connects to up from the foreign address from, as the
-// transparent proxy does.
-func transparentConnect(ctx context.Context, from netip.Addr, up netip.AddrPort, timeout time.Duration) error {
+// transparentDialer opens sockets bound to the foreign address from
+// (IP_TRANSPARENT / IPV6_TRANSPARENT), as the transparent proxy does; the
+// kernel picks the port.
+type transparentDialer struct{ from netip.Addr }
+
+func (t transparentDialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	var local net.Addr = &net.TCPAddr{IP: t.from.AsSlice()}
+	if strings.HasPrefix(network, "udp") {
+		local = &net.UDPAddr{IP: t.from.AsSlice()}
+	}
 	dl := net.Dialer{
-		Timeout:   timeout,
-		LocalAddr: &net.TCPAddr{IP: from.AsSlice()},
+		LocalAddr: local,
 		Control: func(network, address string, c syscall.RawConn) error {
 			var serr error
 			err := c.Control(func(fd uintptr) {
-				if from.Is4() {
+				if t.from.Is4() {
 					serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
 				} else {
 					serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
@@ -835,6 +864,11 @@ func transparentConnect(ctx context.Context, from netip.Addr, up netip.AddrPort,
 			return serr
 		},
 	}
+	return dl.DialContext(ctx, network, address)
+}
+
+// transparentConnect connects to up through dl and closes the connection.
+func transparentConnect(ctx context.Context, dl transparentDialer, up netip.AddrPort) error {
 	c, err := dl.DialContext(ctx, "tcp", up.String())
 	if err != nil {
 		return err
