@@ -125,16 +125,17 @@ func runDoctor(ctx context.Context, e *env, args []string) error {
 }
 
 // returnPathQuery gives doctor the request that probes the return path of
-// UDP service s: its dns health check, sent once to the upstream's own
-// port. Without one it says what to configure instead.
+// UDP service s: its dns or udp health check (both wait for an answer),
+// sent once to the upstream's own port. Without one it says what to
+// configure instead.
 func returnPathQuery(s config.Service) (func(context.Context, netconf.Dialer, netip.AddrPort) error, string) {
 	h := s.Health
-	if h == nil || h.Type != "dns" {
-		return nil, fmt.Sprintf("if the upstreams of %s speak DNS, give it a dns health check (health: {type: dns, query: NAME}): doctor then sends that query from a client address", s.Name)
+	if h == nil || (h.Type != "dns" && h.Type != "udp") {
+		return nil, fmt.Sprintf("give %s a health check its upstreams answer (health: {type: dns, query: NAME} if they speak DNS, else {type: udp, send: PAYLOAD, expect: REPLY}): doctor then sends it from a client address", s.Name)
 	}
 	for _, u := range s.Upstreams {
 		if h.Port != 0 && h.Port != u.Addr.Port() {
-			return nil, fmt.Sprintf("drop health.port of %s if its upstreams answer DNS on their own port: doctor then sends the dns check's query there from a client address", s.Name)
+			return nil, fmt.Sprintf("drop health.port of %s if its upstreams answer the %s check on their own port: doctor then sends it there from a client address", s.Name, h.Type)
 		}
 	}
 	return func(ctx context.Context, d netconf.Dialer, up netip.AddrPort) error {

@@ -340,7 +340,8 @@ func lbDo(t *testing.T, h *topo.Host, args []string) {
 }
 
 // udpDoctorConfig: transparent UDP services, IPv4 and IPv6, whose
-// upstreams speak DNS (a dns health check), and one without such a check.
+// upstreams speak DNS (a dns health check), one with a udp check, and one
+// without a check.
 const udpDoctorConfig = `services:
   - name: resolver
     protocol: udp
@@ -359,6 +360,12 @@ const udpDoctorConfig = `services:
     listen: 198.18.98.10:514
     mode: transparent
     upstreams: [198.19.16.11:514]
+  - name: game
+    protocol: udp
+    listen: 198.18.98.10:7777
+    mode: transparent
+    upstreams: [198.19.16.11:7777]
+    health: {type: udp, send: "lbctl doctor probe"}
 `
 
 // serveDNSIn answers every datagram to addr, in h's namespace, with the
@@ -392,9 +399,9 @@ func serveDNSIn(t *testing.T, h *topo.Host, addr string) {
 }
 
 // TestDoctorUDPReturnPath: the return path of transparent UDP services is
-// probed with their dns check's query sent from a client address, IPv4
+// probed with their dns or udp check's request sent from a client address, IPv4
 // and IPv6; it fails when the backend's replies bypass the LB or steer
-// does not know the upstream, and a service without a dns check is
+// does not know the upstream, and a service without such a check is
 // skipped with what to configure.
 func TestDoctorUDPReturnPath(t *testing.T) {
 	testenv.RequireCommand(t, "ip", "sysctl")
@@ -407,9 +414,11 @@ func TestDoctorUDPReturnPath(t *testing.T) {
 	lb, b1 := tp.LB, tp.Backends[0]
 	mustRun(t, lb, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
 	lbDo(t, lb, []string{"attach", "eth1", "--steer",
-		"--upstream", "udp:198.19.16.11:53", "--upstream", "udp:[2001:db8:16::11]:53", "--upstream", "udp:198.19.16.11:514"})
+		"--upstream", "udp:198.19.16.11:53", "--upstream", "udp:[2001:db8:16::11]:53", "--upstream", "udp:198.19.16.11:514",
+		"--upstream", "udp:198.19.16.11:7777"})
 	serveDNSIn(t, b1, "198.19.16.11:53")
 	serveDNSIn(t, b1, "[2001:db8:16::11]:53")
+	serveDNSIn(t, b1, "198.19.16.11:7777") // any reply passes a udp check without expect
 	args := []string{"--client", "198.18.99.0/24", "--client", "2001:db8:99::/64"}
 
 	line := func(out, prefix string) string {
@@ -429,13 +438,14 @@ func TestDoctorUDPReturnPath(t *testing.T) {
 		for _, want := range []string{
 			"PASS  return path resolver 198.19.16.11:53",
 			"PASS  return path resolver6 [2001:db8:16::11]:53",
+			"PASS  return path game 198.19.16.11:7777",
 		} {
 			if l := line(out, want); !strings.Contains(l, "answered a query from client address") {
 				t.Errorf("%s: want %q answered from a client address:\n%s", when, want, out)
 			}
 		}
 		l := line(out, "WARN  return path syslog 198.19.16.11:514")
-		if !strings.Contains(l, "not probed") || !strings.Contains(l, "fix: if the upstreams of syslog speak DNS, give it a dns health check (health: {type: dns, query: NAME})") {
+		if !strings.Contains(l, "not probed") || !strings.Contains(l, "fix: give syslog a health check its upstreams answer (health: {type: dns, query: NAME} if they speak DNS, else {type: udp, send: PAYLOAD, expect: REPLY})") {
 			t.Errorf("%s: want the syslog return path skipped with what to configure:\n%s", when, out)
 		}
 	}
@@ -445,27 +455,27 @@ func TestDoctorUDPReturnPath(t *testing.T) {
 		name        string
 		cfg         string // "" = udpDoctorConfig
 		break_, fix []string
-		want        string
+		want        []string // the FAIL lines, each saying detail
 		detail      string
 	}{
 		{
 			name:   "IPv4 replies bypass the LB",
 			break_: []string{"ip", "route", "replace", "default", "via", "198.19.16.254"},
 			fix:    []string{"ip", "route", "replace", "default", "via", "198.19.16.1"},
-			want:   "return path resolver 198.19.16.11:53",
+			want:   []string{"return path resolver 198.19.16.11:53", "return path game 198.19.16.11:7777"},
 			detail: "query from 198.18.99.1: no reply within timeout: the upstream's reply did not come back",
 		},
 		{
 			name:   "IPv6 replies bypass the LB",
 			break_: []string{"ip", "-6", "route", "replace", "default", "via", "2001:db8:16::254"},
 			fix:    []string{"ip", "-6", "route", "replace", "default", "via", "2001:db8:16::1"},
-			want:   "return path resolver6 [2001:db8:16::11]:53",
+			want:   []string{"return path resolver6 [2001:db8:16::11]:53"},
 			detail: "query from 2001:db8:99::1: no reply within timeout: the upstream's reply did not come back",
 		},
 		{
 			name:   "steer does not know the upstream",
 			cfg:    strings.Replace(udpDoctorConfig, "198.19.16.11:53", "198.19.16.11:5353", 1),
-			want:   "return path resolver 198.19.16.11:5353",
+			want:   []string{"return path resolver 198.19.16.11:5353"},
 			detail: "steer does not mark replies from 198.19.16.11:5353",
 		},
 	} {
@@ -484,12 +494,17 @@ func TestDoctorUDPReturnPath(t *testing.T) {
 			if v.fix != nil {
 				mustRun(t, b1, v.fix...)
 			}
-			l := line(out, "FAIL  "+v.want)
-			if code != 1 || !strings.Contains(l, v.detail) || !strings.Contains(l, "fix: ") {
-				t.Errorf("exit %d, want 1 and a FAIL line for %q saying %q, with a fix:\n%s", code, v.want, v.detail, out)
+			if code != 1 {
+				t.Errorf("exit %d, want 1:\n%s", code, out)
 			}
-			if n := strings.Count("\n"+out, "\nFAIL"); n != 1 {
-				t.Errorf("want exactly 1 FAIL line (%s), got %d:\n%s", v.want, n, out)
+			for _, w := range v.want {
+				l := line(out, "FAIL  "+w)
+				if !strings.Contains(l, v.detail) || !strings.Contains(l, "fix: ") {
+					t.Errorf("want a FAIL line for %q saying %q, with a fix:\n%s", w, v.detail, out)
+				}
+			}
+			if n := strings.Count("\n"+out, "\nFAIL"); n != len(v.want) {
+				t.Errorf("want exactly %d FAIL lines (%v), got %d:\n%s", len(v.want), v.want, n, out)
 			}
 		})
 	}

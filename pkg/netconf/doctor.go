@@ -59,7 +59,7 @@ type Service struct {
 	NAT       string // dsr/xdp: router | origin
 	Interface string // upstream-facing interface; "" = from the route
 	// Query, for a UDP service, sends one request its upstreams answer
-	// (the caller builds it from the service's dns health check) to up
+	// (the caller builds it from the service's dns or udp health check) to up
 	// through d and checks the answer: the return-path probe. nil: the
 	// return path is not probed, and NoQuery says why and what to
 	// configure to get it.
