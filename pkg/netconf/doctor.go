@@ -772,7 +772,7 @@ func peerAddr(a net.Addr) netip.Addr {
 // returnPath probes each upstream of the transparent services the way the
 // proxy talks to it: from a client's address (IP_TRANSPARENT). TCP: a
 // connect, whose SYN-ACK goes to that client address. UDP: one request
-// the upstream answers (Service.Query: a DNS query from the service's dns
+// the upstream answers (Service.Query: the service's dns or udp health
 // check), whose answer goes to that client address. Either reaches this
 // socket only if the upstream routes it through the LB and steer marks it
 // for local delivery, which the steer counter of that upstream shows.
