@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/lbctl/lbctl/test/testenv"
 )
 
 // silentTCP returns an address that never answers a SYN: a listener with a
@@ -14,6 +16,7 @@ import (
 // accepted), so the kernel drops further SYNs.
 func silentTCP(t *testing.T) netip.AddrPort {
 	t.Helper()
+	testenv.RequireNetns(t)
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
